@@ -1,0 +1,122 @@
+"""The one storage interface; `s3.py` and `local.py` are its two real backends.
+
+Keys are relative to the store's root (the URL's prefix is applied by the backend) and always use
+'/' separators. Both backends expose the same multipart protocol so the upload engine has one code
+path: create, upload parts (from memory or straight from a file range), complete or abort, list
+parts and incomplete uploads for crash recovery.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A part read straight from a file with positional reads: no whole-part copy in memory."""
+
+    fd: int
+    offset: int
+    size: int
+
+    def read_all(self) -> bytes:
+        return os.pread(self.fd, self.size, self.offset)
+
+
+Body = bytes | FileRange
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class Part:
+    number: int
+    etag: str
+    size: int
+    checksum: str | None = None  # base64 flexible checksum, when the store's checksum mode uses one
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An incomplete multipart upload found in the store."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+class Storage(abc.ABC):
+    """A place checkpoints are stored. Every method raises `StorageError` on failure."""
+
+    url: str  # the storage URL as the user gave it, never with credentials
+
+    @abc.abstractmethod
+    async def put(self, key: str, body: Body) -> str:
+        """Store a whole object atomically; return its etag."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Return the object's metadata, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in key order, paginated internally."""
+
+    @abc.abstractmethod
+    async def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the 'folders' directly under `prefix` (which ends with '/')."""
+
+    @abc.abstractmethod
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of the object (to its end when `end` is None)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing object is not an error."""
+
+    @abc.abstractmethod
+    async def create_multipart(self, key: str) -> str:
+        """Start a multipart upload; return its upload id."""
+
+    @abc.abstractmethod
+    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
+        """Upload part `number` (1-based). Parts other than the last must be at least 5 MiB on S3."""
+
+    @abc.abstractmethod
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> str:
+        """Assemble the parts (in number order) into the object; return its etag."""
+
+    @abc.abstractmethod
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Discard the upload and its parts; aborting an unknown upload is not an error."""
+
+    @abc.abstractmethod
+    async def list_parts(self, key: str, upload_id: str) -> list[Part]:
+        """Parts already stored for an incomplete upload, in number order."""
+
+    @abc.abstractmethod
+    async def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
+        """Incomplete multipart uploads whose key starts with `prefix`."""
+
+    @abc.abstractmethod
+    async def presign_get(self, key: str, expires_seconds: int) -> str:
+        """A URL anyone holding it can GET the object with, until it expires."""
+
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
