@@ -1,0 +1,141 @@
+"""The `ckptd` command line: parse, load and validate every setting, then hand over to the command.
+
+Configuration errors exit 2 before anything starts (SPEC §3); each command owns its other exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from daemon import __version__, logs
+from daemon.config import SPECS, Config, ConfigError, load
+from daemon.config.schema import COMMON, RESTORE, SERVE, STORAGE, SUPERVISE, UPLOAD, default_of
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 1
+
+# command: (groups of setting flags it takes, one-line help)
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "run": ((COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE),
+            "entrypoint: restore, launch the start commands (or CMD after --), upload alongside, drain, exit"),
+    "watch": ((COMMON, STORAGE, UPLOAD, SERVE),
+              "sidecar: upload completed files until SIGTERM/SIGINT or --exit-when, then drain and exit"),
+    "restore": ((COMMON, STORAGE, RESTORE), "init container: restore the configured checkpoints, then exit"),
+    "ls": ((COMMON, STORAGE), "browse projects, jobs, checkpoints and files"),
+    "inspect": ((COMMON, STORAGE), "tensor summary of a stored .safetensors file (header only)"),
+    "urls": ((COMMON, STORAGE), "presigned download URLs of a job's checkpoint files, as JSON"),
+    "download": ((COMMON, STORAGE), "fetch stored files matching wildcards into a folder"),
+    "prune": ((COMMON, STORAGE), "delete old checkpoints by retention rules (dry run unless --yes)"),
+    "version": ((), "print the version"),
+}  # fmt: skip
+
+EPILOG = """\
+Settings: command-line flag > environment > config file (--config or $CKPTD_CONFIG, YAML or JSON)
+> default. Credentials come from the standard AWS chain, never from flags.
+Exit codes: 2 configuration error, 3 required restore failed, 4 uploads did not all complete,
+otherwise the trainer's own exit code (128+N when it died of signal N).
+Run 'ckptd COMMAND --help' for a command's settings."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptd", description="Checkpoint daemon for training jobs.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command, (groups, help_text) in COMMANDS.items():
+        p = sub.add_parser(command, help=help_text, description=help_text)
+        if command != "version":
+            p.add_argument("--config", metavar="FILE", help="config file, YAML or JSON [env: CKPTD_CONFIG]")
+        _add_setting_flags(p, groups)
+        _add_command_arguments(command, p)
+    return parser
+
+
+def _add_setting_flags(p: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    for group in groups:
+        g = p.add_argument_group(f"{group} settings")
+        for name, spec in SPECS.items():
+            if spec.group != group or not spec.flag:
+                continue
+            env = f" [env: {', '.join(spec.env)}]" if spec.env else ""
+            default = "" if callable(spec.default) or spec.default in (None, ()) else f" (default: {spec.default})"
+            flags = [spec.flag, "--job"] if name == "job_id" else [spec.flag]
+            if spec.parse.__name__ == "boolean":
+                g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{spec.help}{default}{env}")  # fmt: skip
+            else:
+                g.add_argument(*flags, dest=name, metavar=name.upper(), default=None, help=f"{spec.help}{default}{env}")
+
+
+def _add_command_arguments(command: str, p: argparse.ArgumentParser) -> None:
+    data_output = command in ("ls", "inspect", "urls", "prune", "version", "restore")
+    if data_output:
+        p.add_argument("--json", action="store_true", help="print data as JSON")
+    if command == "run":
+        p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="training command")
+    elif command == "watch":
+        p.add_argument("--exit-when", metavar="PATH", help="drain and exit once this path exists")
+    elif command == "ls":
+        p.add_argument("--checkpoint", help="list the files of this checkpoint")
+    elif command == "inspect":
+        p.add_argument("path", help="stored path of a .safetensors file, e.g. rank-0/checkpoint-10/model.safetensors")
+    elif command == "urls":
+        p.add_argument("--expires", default="7d", help="URL lifetime, at most 7d (default: 7d)")
+    elif command == "download":
+        p.add_argument("--path", nargs="+", required=True, metavar="GLOB", help="e.g. 'rank-*/checkpoint-10/'")
+        p.add_argument("--to", required=True, metavar="DIR", help="files land in DIR/{job_id}/rank-N/...")
+    elif command == "prune":
+        p.add_argument("--keep-last", type=int, metavar="N", help="keep the N most recent checkpoints")
+        p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best checkpoints by --metric")
+        p.add_argument("--metric", help="evaluation metric from trainer_state.json, e.g. eval_loss")
+        p.add_argument("--mode", choices=("min", "max"), default="min", help="which end of --metric is best")
+        p.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
+
+
+def print_version(as_json: bool) -> int:
+    deps = {}
+    for dist in ("aiobotocore", "botocore", "watchdog", "uvloop", "prometheus-client", "structlog"):
+        try:
+            deps[dist] = version(dist)
+        except PackageNotFoundError:
+            deps[dist] = None
+    if as_json:
+        print(json.dumps({"version": __version__, "python": platform.python_version(), "dependencies": deps}))
+    else:
+        extra = ", ".join(f"{k} {v}" for k, v in deps.items() if v)
+        print(f"ckptd {__version__} (python {platform.python_version()}; {extra})")
+    return 0
+
+
+def _not_yet(command: str) -> Callable[[Config, argparse.Namespace], int]:
+    def run(config: Config, args: argparse.Namespace) -> int:
+        print(f"ckptd {command}: not available yet in ckptd {__version__}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+    return run
+
+
+HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _not_yet(c) for c in COMMANDS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        return print_version(args.json)
+    flags = {name: getattr(args, name, None) for name in SPECS}
+    try:
+        config = load(flags, os.environ, args.config)
+    except ConfigError as e:
+        print(f"ckptd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(config.log_level, config.log_format)
+    if config.storage == default_of(SPECS["storage"], os.environ) and args.command in ("run", "watch", "restore"):
+        logs.get().warning("using the embedded default store: checkpoints stay on this machine",
+                           storage=config.storage)  # fmt: skip
+    return HANDLERS[args.command](config, args)
