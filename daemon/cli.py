@@ -70,7 +70,7 @@ def _add_setting_flags(p: argparse.ArgumentParser, groups: Sequence[str]) -> Non
                 g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{spec.help}{default}{env}")  # fmt: skip
             else:
-                g.add_argument(*flags, dest=name, metavar=name.upper(), default=None, help=f"{spec.help}{default}{env}")
+                g.add_argument(*flags, dest=name, metavar=spec.flag.rsplit("-", 1)[-1].upper(), default=None, help=f"{spec.help}{default}{env}")
 
 
 def _add_command_arguments(command: str, p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,140 @@
+"""Durable file-system primitives for the local backend (blocking: call them from a thread).
+
+A write is visible under its final name only once its bytes and its directory entry are on disk:
+write a temporary name in the same directory, fsync, rename, fsync the directory. A crash leaves
+either the old object or the new one, plus at worst a temporary file the listing ignores.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key
+TMP_PREFIX = ".ckptd-tmp-"
+ETAG_XATTR = "user.ckptd.etag"
+_NO_XATTR = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM, errno.E2BIG)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entries changed so new folders survive a crash."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # a concurrent writer made it; it fsyncs the parent itself
+        fsync_dir(folder.parent)
+
+
+def stat_etag(st: os.stat_result) -> str:
+    """Stand-in etag where user xattrs are unsupported: changes whenever the content is replaced."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def read_etag(path: Path, st: os.stat_result) -> str:
+    try:
+        return os.getxattr(path, ETAG_XATTR).decode("ascii")
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return stat_etag(st)
+        raise
+
+
+def _store_etag(fd: int, etag: str) -> str:
+    """Attach the etag to the file; return the etag `read_etag` will report for it."""
+    try:
+        os.setxattr(fd, ETAG_XATTR, etag.encode("ascii"))
+        return etag
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return stat_etag(os.fstat(fd))
+        raise
+
+
+def _open_temp(folder: Path, make_parents: bool) -> tuple[int, Path]:
+    for attempt in range(3):
+        if make_parents:
+            makedirs_durable(folder)
+        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
+        except FileNotFoundError:
+            # A concurrent delete pruned the (then empty) folder between mkdir and open.
+            if not make_parents or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def write_atomic(dest: Path, fill: Callable[[int], str], *, make_parents: bool = True) -> str:
+    """Create `dest` atomically with what `fill(fd)` writes; `fill` returns the content's etag.
+
+    Returns the etag stored with the file (see `read_etag`).
+    """
+    fd, tmp = _open_temp(dest.parent, make_parents)
+    try:
+        try:
+            etag = _store_etag(fd, fill(fd))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(dest.parent)
+    return etag
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def append_file(dst_fd: int, src: Path) -> None:
+    """Append the whole of `src` to `dst_fd` in the kernel where possible (no user-space copy)."""
+    with open(src, "rb") as f:
+        remaining = os.fstat(f.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(f.fileno(), dst_fd, min(remaining, 1 << 30))
+                if copied == 0:
+                    break
+                remaining -= copied
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        while remaining > 0:  # older kernels and exotic file systems: plain copy
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise OSError(errno.EIO, f"part {src.name} shrank while assembling")
+            write_all(dst_fd, chunk)
+            remaining -= len(chunk)
+
+
+def prune_empty_dirs(folder: Path, root: Path) -> None:
+    """Remove now-empty folders up to (not including) root, as S3 has no empty folders."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

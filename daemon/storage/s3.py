@@ -1,0 +1,294 @@
+"""S3 backend (AWS S3 and S3-compatible stores) over aiobotocore.
+
+Hashing is kept off the event loop: botocore is told to compute no checksums itself
+(`when_required`), we compute the configured one in a thread and pass it as a request parameter,
+and payload signing is off whenever such a checksum covers the body. Bodies read from files are
+streamed in 256 KiB positional reads, never copied whole into memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore import exceptions as bx
+
+from daemon.storage import S3Options
+from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
+from daemon.storage.bodies import RangeReader, b64, body_size, digests
+from daemon.storage.errors import StorageError
+
+T = TypeVar("T")
+
+# checksum mode -> (hash algorithm, request parameter carrying its base64 value)
+_CHECKSUM_PARAM = {"md5": ("md5", "ContentMD5"), "crc32": ("crc32", "ChecksumCRC32"),
+                   "sha256": ("sha256", "ChecksumSHA256")}  # fmt: skip
+# Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
+_FLEXIBLE = {"crc32": "CRC32", "sha256": "SHA256"}
+_NETWORK_ERRORS = (
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    bx.EndpointConnectionError,
+    bx.ConnectionClosedError,
+    bx.ReadTimeoutError,
+    bx.ConnectTimeoutError,
+    bx.HTTPClientError,
+    ConnectionError,
+)
+_QUERY = re.compile(r"\?[^\s\"'>]*")  # upload ids and signatures stay out of logs
+
+
+def _client_config(options: S3Options) -> AioConfig:
+    signing = {"on": True, "off": False}.get(options.payload_signing, options.checksum == "none")
+    return AioConfig(
+        region_name=options.region or "us-east-1",
+        s3={"addressing_style": options.addressing_style, "payload_signing_enabled": signing},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # One quick retry for a stale pooled connection; real backoff lives in the upload engine.
+        retries={"mode": "standard", "total_max_attempts": 2},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=options.max_connections,
+        # Load the big S3 service model in a thread rather than on the event loop.
+        warm_up_loader_caches=True,
+    )
+
+
+def _translate(op: str, key: str, exc: Exception) -> StorageError:
+    """Turn any client-side failure into a StorageError without leaking query strings."""
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = str(err.get("Code") or status or "Unknown")
+        code = {"403": "AccessDenied", "404": "NotFound"}.get(code, code)
+        message = str(err.get("Message") or code)
+        return StorageError(op, key, code, _QUERY.sub("", message), http_status=status)
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return StorageError(op, key, "NoCredentials", "no AWS credentials found", transient=False)
+    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return StorageError(op, key, "TLSVerifyFailed", _QUERY.sub("", str(exc)), transient=False)
+    if isinstance(exc, _NETWORK_ERRORS):
+        message = _QUERY.sub("", str(exc) or type(exc).__name__)
+        return StorageError(op, key, "NetworkError", message, transient=True)
+    if isinstance(exc, bx.ParamValidationError):
+        return StorageError(op, key, "InvalidArgument", str(exc), transient=False)
+    return StorageError(op, key, type(exc).__name__, _QUERY.sub("", str(exc)))
+
+
+class S3Storage(Storage):
+    def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.options = options
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _get_client(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                stack = contextlib.AsyncExitStack()
+                self._client = await stack.enter_async_context(
+                    AioSession().create_client(
+                        "s3",
+                        endpoint_url=self.options.endpoint_url,
+                        verify=self.options.ca_bundle,
+                        config=_client_config(self.options),
+                    )
+                )
+                self._stack = stack
+            return self._client
+
+    async def _call(self, op: str, key: str, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except Exception as exc:  # CancelledError is a BaseException and passes through
+            raise _translate(op, key, exc) from exc
+
+    async def _request(self, op: str, key: str, method: str, **params: Any) -> dict[str, Any]:
+        client = await self._get_client()
+        return await self._call(op, key, getattr(client, method)(Bucket=self.bucket, **params))
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    async def _checksum_params(self, body: Body) -> dict[str, str]:
+        if self.options.checksum not in _CHECKSUM_PARAM:
+            return {}
+        algorithm, param = _CHECKSUM_PARAM[self.options.checksum]
+        raw = (await digests(body, (algorithm,)))[algorithm]
+        return {param: b64(raw)}
+
+    def _sse_params(self) -> dict[str, str]:
+        if self.options.sse == "sse-s3":
+            return {"ServerSideEncryption": "AES256"}
+        if self.options.sse == "sse-kms":
+            params = {"ServerSideEncryption": "aws:kms"}
+            if self.options.sse_kms_key_id:
+                params["SSEKMSKeyId"] = self.options.sse_kms_key_id
+            return params
+        return {}
+
+    @staticmethod
+    def _stream(body: Body) -> bytes | RangeReader:
+        if isinstance(body, FileRange):
+            return RangeReader(body) if body.size else b""
+        return body
+
+    def _part_checksum(self, item: dict[str, Any]) -> str | None:
+        name = _FLEXIBLE.get(self.options.checksum)
+        return item.get(f"Checksum{name}") if name else None
+
+    # -- objects ------------------------------------------------------------------------------
+
+    async def put(self, key: str, body: Body) -> str:
+        params = await self._checksum_params(body)
+        resp = await self._request(
+            "put", key, "put_object", Key=self._full(key), Body=self._stream(body),
+            **params, **self._sse_params(),
+        )  # fmt: skip
+        return resp["ETag"].strip('"')
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = await self._request("head", key, "head_object", Key=self._full(key))
+        except StorageError as err:
+            # HEAD has no body, so a missing bucket also reads as 404: callers see it on write.
+            if err.http_status == 404:
+                return None
+            raise
+        return ObjectInfo(key, resp["ContentLength"], resp["ETag"].strip('"'), resp["LastModified"])
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        client = await self._get_client()
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._full(prefix)
+        )
+        iterator = aiter(pages)
+        while True:
+            try:
+                page = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise _translate("list", prefix, exc) from exc
+            for item in page.get("Contents", []):
+                etag = item["ETag"].strip('"')
+                yield ObjectInfo(self._rel(item["Key"]), item["Size"], etag, item["LastModified"])
+
+    async def _paginate(self, op: str, key: str, method: str, **params: Any) -> list[dict]:
+        client = await self._get_client()
+        pages = client.get_paginator(method).paginate(Bucket=self.bucket, **params)
+
+        async def collect() -> list[dict]:
+            return [page async for page in pages]
+
+        return await self._call(op, key, collect())
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        full = self._full(prefix)
+        base = full[: full.rfind("/") + 1]  # names are relative to the last '/' of the prefix
+        pages = await self._paginate("list_dirs", prefix, "list_objects_v2", Prefix=full, Delimiter="/")
+        found = (cp["Prefix"] for page in pages for cp in page.get("CommonPrefixes", []))
+        return [p[len(base) :].rstrip("/") for p in found]
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        if end is not None and end <= start:
+            return b""
+        params: dict[str, Any] = {"Key": self._full(key)}
+        if start or end is not None:
+            params["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        resp = await self._request("get", key, "get_object", **params)
+        async with resp["Body"] as stream:
+            return await self._call("get", key, stream.read())
+
+    async def delete(self, key: str) -> None:
+        await self._request("delete", key, "delete_object", Key=self._full(key))
+
+    async def presign_get(self, key: str, expires_seconds: int) -> str:
+        client = await self._get_client()
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        return await self._call(
+            "presign", key,
+            client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds),
+        )  # fmt: skip
+
+    # -- multipart ----------------------------------------------------------------------------
+
+    async def create_multipart(self, key: str) -> str:
+        params = self._sse_params()
+        if self.options.checksum in _FLEXIBLE:
+            params["ChecksumAlgorithm"] = _FLEXIBLE[self.options.checksum]
+        resp = await self._request("create_multipart", key, "create_multipart_upload",
+                                   Key=self._full(key), **params)  # fmt: skip
+        return resp["UploadId"]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
+        params = await self._checksum_params(body)
+        resp = await self._request(
+            "upload_part", key, "upload_part", Key=self._full(key), UploadId=upload_id,
+            PartNumber=number, Body=self._stream(body), **params,
+        )  # fmt: skip
+        checksum = params.get(f"Checksum{_FLEXIBLE.get(self.options.checksum, '')}")
+        return Part(number, resp["ETag"].strip('"'), body_size(body), checksum)
+
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> str:
+        name = _FLEXIBLE.get(self.options.checksum)
+        listed = []
+        for part in sorted(parts, key=lambda p: p.number):
+            item = {"PartNumber": part.number, "ETag": part.etag}
+            if name and part.checksum:
+                item[f"Checksum{name}"] = part.checksum
+            listed.append(item)
+        resp = await self._request(
+            "complete_multipart", key, "complete_multipart_upload", Key=self._full(key),
+            UploadId=upload_id, MultipartUpload={"Parts": listed},
+        )  # fmt: skip
+        return resp["ETag"].strip('"')
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self._request("abort_multipart", key, "abort_multipart_upload",
+                                Key=self._full(key), UploadId=upload_id)  # fmt: skip
+        except StorageError as err:
+            if err.code != "NoSuchUpload":
+                raise
+
+    async def list_parts(self, key: str, upload_id: str) -> list[Part]:
+        pages = await self._paginate("list_parts", key, "list_parts",
+                                     Key=self._full(key), UploadId=upload_id)  # fmt: skip
+        parts = [
+            Part(p["PartNumber"], p["ETag"].strip('"'), p["Size"], self._part_checksum(p))
+            for page in pages
+            for p in page.get("Parts", [])
+        ]
+        return sorted(parts, key=lambda p: p.number)
+
+    async def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
+        pages = await self._paginate("list_multipart_uploads", prefix, "list_multipart_uploads",
+                                     Prefix=self._full(prefix))  # fmt: skip
+        return [
+            PendingUpload(self._rel(u["Key"]), u["UploadId"], u["Initiated"])
+            for page in pages
+            for u in page.get("Uploads", [])
+        ]
+
+    async def close(self) -> None:
+        async with self._lock:
+            stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
