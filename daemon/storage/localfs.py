@@ -13,10 +13,48 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.storage.errors import StorageError
+
 RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key
 TMP_PREFIX = ".ckptd-tmp-"
 ETAG_XATTR = "user.ckptd.etag"
 _NO_XATTR = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM, errno.E2BIG)
+# errno -> (code, the HTTP status S3 would use, transient)
+_ERRNO = {
+    errno.ENOSPC: ("StorageFull", 507, True),  # space may be freed; giving up would lose data
+    errno.EDQUOT: ("StorageFull", 507, True),
+    errno.EACCES: ("AccessDenied", 403, False),
+    errno.EPERM: ("AccessDenied", 403, False),
+    errno.EROFS: ("ReadOnlyStore", 403, False),
+    errno.ENOTDIR: ("KeyConflict", 409, False),  # a key is both an object and a folder
+    errno.EISDIR: ("KeyConflict", 409, False),
+    errno.ENAMETOOLONG: ("KeyTooLongError", 400, False),
+}
+
+
+def translate(op: str, key: str, exc: OSError) -> StorageError:
+    code, status, transient = _ERRNO.get(exc.errno or 0, ("IOError", None, True))
+    return StorageError(op, key, code, exc.strerror or str(exc), http_status=status, transient=transient)
+
+
+def missing(op: str, key: str, code: str = "NoSuchKey") -> StorageError:
+    return StorageError(op, key, code, "not found", http_status=404, transient=False)
+
+
+def check_key(op: str, key: str, *, prefix: bool = False) -> None:
+    """Refuse keys that would escape the root or collide with the store's own files."""
+    segments = key.split("/")
+    if prefix:  # "" and "a/b/" are fine as prefixes
+        segments = segments[:-1] + ([segments[-1]] if segments[-1] else [])
+    bad = (
+        (not key and not prefix)
+        or key.startswith("/")
+        or "\0" in key
+        or any(s in ("", ".", "..") or s.startswith(RESERVED) for s in segments)
+    )
+    if bad:
+        why = f"keys are relative, without '.', '..' or empty segments, and no name starts with {RESERVED!r}"
+        raise StorageError(op, key, "InvalidKey", why, transient=False)
 
 
 def fsync_dir(path: Path) -> None:

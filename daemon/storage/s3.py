@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore import exceptions as bx
+from botocore.loaders import Loader, create_loader
 
 from daemon.storage import S3Options
 from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
@@ -31,23 +33,23 @@ _CHECKSUM_PARAM = {"md5": ("md5", "ContentMD5"), "crc32": ("crc32", "ChecksumCRC
                    "sha256": ("sha256", "ChecksumSHA256")}  # fmt: skip
 # Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
 _FLEXIBLE = {"crc32": "CRC32", "sha256": "SHA256"}
-_NETWORK_ERRORS = (
-    aiohttp.ClientError,
-    asyncio.TimeoutError,
-    bx.EndpointConnectionError,
-    bx.ConnectionClosedError,
-    bx.ReadTimeoutError,
-    bx.ConnectTimeoutError,
-    bx.HTTPClientError,
-    ConnectionError,
-)
+# Endpoint/connect-timeout errors derive from bx.ConnectionError; closed/read-timeout from
+# bx.HTTPClientError; raw aiohttp and timeout errors can surface while a body is being read.
+_NETWORK_ERRORS = (bx.ConnectionError, bx.HTTPClientError, aiohttp.ClientError, TimeoutError, ConnectionError)
 _QUERY = re.compile(r"\?[^\s\"'>]*")  # upload ids and signatures stay out of logs
+
+
+@functools.cache
+def _shared_loader() -> Loader:
+    """Parsing the S3 model and endpoint rules costs ~0.15 s per session; parse them once."""
+    return create_loader()
 
 
 def _client_config(options: S3Options) -> AioConfig:
     signing = {"on": True, "off": False}.get(options.payload_signing, options.checksum == "none")
     return AioConfig(
         region_name=options.region or "us-east-1",
+        signature_version="s3v4",  # presigned URLs too: SigV2 is gone from newer regions
         s3={"addressing_style": options.addressing_style, "payload_signing_enabled": signing},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -70,7 +72,7 @@ def _translate(op: str, key: str, exc: Exception) -> StorageError:
         code = {"403": "AccessDenied", "404": "NotFound"}.get(code, code)
         message = str(err.get("Message") or code)
         return StorageError(op, key, code, _QUERY.sub("", message), http_status=status)
-    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return StorageError(op, key, "NoCredentials", "no AWS credentials found", transient=False)
     if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return StorageError(op, key, "TLSVerifyFailed", _QUERY.sub("", str(exc)), transient=False)
@@ -95,17 +97,21 @@ class S3Storage(Storage):
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _get_client(self) -> Any:
+        if self._client is not None:
+            return self._client
         async with self._lock:
             if self._client is None:
+                session = AioSession()
+                session.register_component("data_loader", _shared_loader())
+                creating = session.create_client(
+                    "s3", endpoint_url=self.options.endpoint_url, verify=self.options.ca_bundle,
+                    config=_client_config(self.options),
+                )  # fmt: skip
                 stack = contextlib.AsyncExitStack()
-                self._client = await stack.enter_async_context(
-                    AioSession().create_client(
-                        "s3",
-                        endpoint_url=self.options.endpoint_url,
-                        verify=self.options.ca_bundle,
-                        config=_client_config(self.options),
-                    )
-                )
+                try:
+                    self._client = await stack.enter_async_context(creating)
+                except Exception as exc:  # a bad endpoint URL or CA bundle: configuration, not weather
+                    raise StorageError("connect", "", "ClientSetup", str(exc), transient=False) from exc
                 self._stack = stack
             return self._client
 
@@ -291,4 +297,3 @@ class S3Storage(Storage):
             stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
-
