@@ -1,0 +1,75 @@
+"""Retry or give up: transient storage errors are retried with backoff and jitter until a deadline.
+
+Permanent errors (access denied, no such bucket, bad credentials) are raised at once: retrying
+them in a loop only hides the problem and hammers the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from daemon import metrics
+from daemon.storage import StorageError
+
+T = TypeVar("T")
+BASE_DELAY = 0.2
+MAX_DELAY = 20.0
+log = structlog.get_logger()
+
+
+def backoff(attempt: int, rand: float, base: float = BASE_DELAY, cap: float = MAX_DELAY) -> float:
+    """Delay before retry number `attempt` (1-based): "equal jitter" exponential backoff.
+
+    | attempt | rand | delay (base 0.2, cap 20)          |
+    |---------|------|-----------------------------------|
+    | 1       | 0.0  | 0.1   (half of 0.2)               |
+    | 1       | 1.0  | 0.2                               |
+    | 3       | 0.5  | 0.6   (0.8/2 + 0.5 * 0.8/2)       |
+    | 20      | 0.0  | 10.0  (capped at 20, half of it)  |
+    | 20      | 1.0  | 20.0                              |
+
+    Half of the delay is fixed so retries never hammer; half is random so many ranks that failed
+    together do not retry together.
+    """
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    return ceiling / 2 + rand * ceiling / 2
+
+
+def should_retry(error: StorageError, attempt_delay: float, now: float, deadline: float | None) -> bool:
+    """Retry when the error is transient and the next attempt starts before the deadline.
+
+    | transient | deadline      | now + delay < deadline | retry |
+    |-----------|---------------|------------------------|-------|
+    | no        | any           | any                    | no    |
+    | yes       | None (none)   | -                      | yes   |
+    | yes       | set           | yes                    | yes   |
+    | yes       | set           | no                     | no    |
+    """
+    if not error.transient:
+        return False
+    return deadline is None or now + attempt_delay < deadline
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], float | None],
+                   context: dict | None = None) -> T:  # fmt: skip
+    """Run `call` until it succeeds, a permanent error, or the deadline (read at each failure,
+    since a drain can set it while we wait)."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except StorageError as e:
+            attempt += 1
+            delay = backoff(attempt, random.random())
+            if not should_retry(e, delay, time.monotonic(), deadline()):
+                raise
+            metrics.UPLOAD_RETRIES.labels(reason=e.code).inc()
+            log.info("retrying", op=e.op, key=e.key, code=e.code, attempt=attempt, delay=round(delay, 2),
+                     **(context or {}))  # fmt: skip
+            await asyncio.sleep(delay)

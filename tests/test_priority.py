@@ -1,0 +1,216 @@
+"""Uploader priority: `apply` runs in a real child process (this test process keeps its priority),
+and every setting is read back from outside, per thread, next to a sibling "trainer" that must not change."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import priority
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+ONE_CPU = ALL_CPUS[-1]
+
+# The child starts a thread before `apply` (must be reached through /proc/self/task) and one after
+# (must inherit), reports their thread ids, and waits for stdin to close.
+CHILD = """
+import errno, json, os, sys, threading
+from daemon import priority
+args = json.loads(sys.argv[1])
+if args.get("pre_nice"):
+    os.setpriority(os.PRIO_PROCESS, 0, args["pre_nice"])
+if args.get("pre_io"):
+    priority.ioprio_set(0, priority.encode_ioprio(args["pre_io"]))
+if args.get("deny"):
+    def deny(*_):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    priority.ioprio_set = deny
+    os.sched_setaffinity = deny
+if args.get("no_syscall"):
+    priority.SYSCALLS.clear()
+stop = threading.Event()
+before = threading.Thread(target=stop.wait)
+before.start()
+result = priority.apply(*args["apply"])
+after = threading.Thread(target=stop.wait)
+after.start()
+tids = [threading.get_native_id(), before.native_id, after.native_id]
+print(json.dumps({"result": result, "tids": tids}), flush=True)
+sys.stdin.read()
+stop.set()
+"""
+
+
+def read_line(proc: subprocess.Popen[str], deadline_s: float = 30.0) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], deadline_s)
+    assert ready, f"child printed nothing within {deadline_s}s"
+    assert proc.stdout is not None
+    return proc.stdout.readline()
+
+
+@contextlib.contextmanager
+def child(code: str, *argv: str) -> Iterator[subprocess.Popen[str]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def uploader(*apply_args: Any, **options: Any) -> Iterator[dict[str, Any]]:
+    """A child that ran `priority.apply(*apply_args)`; yields its report while it is still alive."""
+    with child(CHILD, json.dumps({"apply": apply_args, **options})) as proc:
+        line = read_line(proc)
+        assert line, f"child failed: exit {proc.wait(timeout=30)}"
+        report = json.loads(line)
+        report["pid"] = proc.pid
+        yield report
+
+
+@pytest.fixture
+def trainer() -> Iterator[int]:
+    """A sibling process started before the uploader de-prioritises itself."""
+    with child("import sys; print('up', flush=True); sys.stdin.read()") as proc:
+        assert read_line(proc) == "up\n"
+        yield proc.pid
+
+
+def nice_from_proc(pid: int, tid: int) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    # Field 19 is nice; fields are counted after the command name, which may hold spaces or parens.
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def outside_view(pid: int, tid: int) -> tuple[int, str, list[int]]:
+    cls, level = priority.decode_ioprio(priority.ioprio_get(tid))
+    return nice_from_proc(pid, tid), f"{cls}/{level}", sorted(os.sched_getaffinity(tid))
+
+
+def test_apply_lowers_every_thread_and_leaves_the_trainer_alone(trainer: int):
+    trainer_before = outside_view(trainer, trainer)
+    us_before = priority.current()
+    with uploader(10, "best-effort", [ONE_CPU]) as report:
+        for tid in report["tids"]:
+            assert outside_view(report["pid"], tid) == (10, "best-effort/7", [ONE_CPU]), f"thread {tid}"
+        assert report["result"]["warnings"] == []
+        assert report["result"]["threads"] >= 2
+        assert outside_view(trainer, trainer) == trainer_before
+    assert trainer_before[0] == 0
+    assert priority.current() == us_before
+
+
+# pre-existing state | apply(nice, io, cpus) | what every thread ends with
+CASES = [
+    ({}, (10, "best-effort", [ONE_CPU]), (10, "best-effort/7", [ONE_CPU])),
+    ({}, (5, "idle", None), (5, "idle/0", ALL_CPUS)),
+    ({}, (0, "normal", None), (0, "none/0", ALL_CPUS)),
+    ({"pre_nice": 15}, (10, "best-effort", None), (15, "best-effort/7", ALL_CPUS)),
+    ({"pre_io": "idle"}, (10, "best-effort", None), (10, "idle/0", ALL_CPUS)),
+    ({"pre_io": "best-effort"}, (0, "idle", None), (0, "idle/0", ALL_CPUS)),
+]
+
+
+@pytest.mark.parametrize(("pre", "args", "expected"), CASES)
+def test_apply_only_ever_lowers(trainer: int, pre: dict[str, Any], args: tuple[Any, ...], expected: tuple[Any, ...]):
+    trainer_before = outside_view(trainer, trainer)
+    with uploader(*args, **pre) as report:
+        for tid in report["tids"]:
+            assert outside_view(report["pid"], tid) == expected, f"thread {tid}"
+        result = report["result"]
+        assert (result["nice"], result["io_priority"], result["cpu_affinity"]) == expected
+        assert outside_view(trainer, trainer) == trainer_before
+
+
+def test_refused_system_calls_are_warnings_not_errors():
+    with uploader(10, "best-effort", [ONE_CPU], deny=True) as report:
+        warnings = report["result"]["warnings"]
+        assert any("io priority" in w and "not permitted" in w for w in warnings), warnings
+        assert any("cpu affinity" in w for w in warnings), warnings
+        assert report["result"]["nice"] == 10
+
+
+def test_unknown_architecture_is_a_warning():
+    with uploader(10, "idle", None, no_syscall=True) as report:
+        assert any("io priority" in w for w in report["result"]["warnings"])
+        assert report["result"]["io_priority"].startswith("unknown")
+        assert nice_from_proc(report["pid"], report["pid"]) == 10
+
+
+@pytest.mark.parametrize(("cpus", "message"), [((max(ALL_CPUS) + 1,), "cannot use"), ((), "empty"), ((-1,), "-1")])
+def test_invalid_cpus_raise_before_anything_changes(cpus: tuple[int, ...], message: str):
+    # Validation precedes every change, so this can run in the test process itself.
+    before = priority.current()
+    with pytest.raises(ValueError, match=message):
+        priority.apply(10, "best-effort", cpus)
+    assert priority.current() == before
+
+
+def test_unknown_io_priority_raises():
+    with pytest.raises(ValueError, match="best-effort, idle, normal"):
+        priority.apply(10, "realtime", None)
+
+
+@pytest.mark.parametrize(("name", "value"), [("best-effort", 2 << 13 | 7), ("idle", 3 << 13), ("normal", None)])
+def test_encode_ioprio(name: str, value: int | None):
+    assert priority.encode_ioprio(name) == value
+    if value is not None:
+        assert priority.decode_ioprio(value)[0] == name
+
+
+@pytest.mark.parametrize(("value", "decoded"), [(0, ("none", 0)), (16391, ("best-effort", 7)), (24576, ("idle", 0)),
+                                                (1 << 13 | 3, ("realtime", 3)), (7 << 13, ("unknown", 0))])
+def test_decode_ioprio(value: int, decoded: tuple[str, int]):
+    assert priority.decode_ioprio(value) == decoded
+
+
+BE = 2 << 13
+IDLE = 3 << 13
+
+
+@pytest.mark.parametrize(("current", "wanted", "lowers"), [
+    (0, None, False), (IDLE, None, False),
+    (0, BE | 7, True), (BE | 4, BE | 7, True), (BE | 7, BE | 7, False), (1 << 13, BE | 7, True),
+    (IDLE, BE | 7, False), (BE | 7, IDLE, True), (IDLE, IDLE, False), (0, IDLE, True),
+])  # fmt: skip
+def test_ioprio_lowers(current: int, wanted: int | None, lowers: bool):
+    assert priority.ioprio_lowers(current, wanted) is lowers
+
+
+@pytest.mark.parametrize(("current", "wanted", "raises"), [(0, 10, True), (10, 10, False), (15, 10, False),
+                                                           (-5, 0, True)])
+def test_nice_raises(current: int, wanted: int, raises: bool):
+    assert priority.nice_raises(current, wanted) is raises
+
+
+@pytest.mark.parametrize(("cpus", "universe", "result"), [
+    (None, {0}, None), ((0, 1), {0, 1, 2}, {0, 1}), ((2,), {0, 1, 2}, {2}),
+    ((), {0}, "empty"), ((0, 7), {0, 1}, r"\[7\].*available: 0-1"), ((5, 6), {0, 1, 3}, r"available: 0-1,3"),
+])  # fmt: skip
+def test_check_cpus(cpus: tuple[int, ...] | None, universe: set[int], result: Any):
+    if isinstance(result, str):
+        with pytest.raises(ValueError, match=result):
+            priority.check_cpus(cpus, universe)
+    else:
+        assert priority.check_cpus(cpus, universe) == result
+
+
+def test_current_reports_this_thread():
+    now = priority.current()
+    assert now["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
+    assert now["cpu_affinity"] == ALL_CPUS
+    assert "/" in now["io_priority"]
