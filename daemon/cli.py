@@ -121,7 +121,14 @@ def _not_yet(command: str) -> Callable[[Config, argparse.Namespace], int]:
     return run
 
 
+def _watch(config: Config, args: argparse.Namespace) -> int:
+    from daemon.commands import watch
+
+    return watch.main(config, args)
+
+
 HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _not_yet(c) for c in COMMANDS}
+HANDLERS["watch"] = _watch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The durable record of what this rank has pinned, is uploading, and has stored.
 
-An append-only JSON-lines file: one line per fact, fsynced in small groups, replayed at start,
+An append-only JSON-lines file: one line per fact, written through at once, fsynced in groups, replayed at start,
 rewritten compactly (temp name, fsync, rename) at start and at clean shutdown. A torn last line
 from a crash is ignored. Losing the newest lines only costs a repeated upload, never a file.
 """
@@ -106,7 +106,9 @@ class Journal:
         _fsync_dir(os.path.dirname(self.path))
         if self._file:
             self._file.close()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the journal
+        # Line-buffered: each record reaches the OS at once, so a killed process loses nothing;
+        # only fsync (surviving a machine crash) is batched.
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the journal
 
     def record(self, op: str, value: object | None = None, **fields: object) -> None:
         record = {"op": op, **(asdict(value) if value is not None else {}), **fields}

@@ -64,8 +64,8 @@ def manifest_prefix(project: str, job_id: str, rank: int) -> str:
 
 
 def manifest_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
-    # The root pseudo-checkpoint '.' would be an unsafe segment; it gets a name of its own.
-    name = "_root" if checkpoint == ROOT_CHECKPOINT else check_relpath(checkpoint)
+    # The root pseudo-checkpoint '.' becomes ".json": no folder has an empty name, so no clash.
+    name = "" if checkpoint == ROOT_CHECKPOINT else check_relpath(checkpoint)
     return f"{manifest_prefix(project, job_id, rank)}{name}.json"
 
 

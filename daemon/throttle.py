@@ -79,6 +79,13 @@ class Throttle:
                     self._tokens += n
                     raise
 
+    def debit(self, n: int) -> None:
+        """Count n bytes sent without waiting: for small files, which must never queue behind big
+        parts. The debt delays the next `take`, so the average rate still holds."""
+        if not self.unlimited and n > 0:
+            self._refill()
+            self._tokens -= n
+
     def _refill(self) -> None:
         now = self._clock()
         # max(): a clock that steps back must not drain the bucket.

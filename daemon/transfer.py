@@ -73,7 +73,7 @@ class Transfer:
     async def _single(self, pin: Pin, key: str, fd: int) -> jr.Stored:
         size = pin.identity.size
         sha = await asyncio.to_thread(_sha256, fd, size)
-        await self.throttle.take(size)
+        self.throttle.debit(size)
         etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline,
                               context={"path": pin.relpath})  # fmt: skip
         _check_unchanged(fd, pin)

@@ -176,3 +176,13 @@ async def test_real_clock_and_sleep_are_the_defaults():
     throttle = Throttle(MB)
     await asyncio.wait_for(throttle.take(MB), DEADLINE_S)
     await asyncio.wait_for(Throttle(0).take(10 * MB), DEADLINE_S)
+
+
+async def test_debit_never_waits_but_delays_the_next_take():
+    vt = VirtualTime()
+    t = vt.throttle(MB)
+    start = vt.now
+    t.debit(3 * MB)  # a burst of small files: sent at once
+    assert vt.now == start and vt.sleeps == []
+    await t.take(MB)
+    assert vt.now - start == pytest.approx(3.0)  # the debt (2 MB beyond the full bucket) plus this 1 MB

@@ -1,0 +1,1 @@
+"""One module per `ckptd` command that does more than print."""

@@ -1,0 +1,78 @@
+"""`ckptd watch`: the sidecar. Upload until SIGTERM/SIGINT or `--exit-when PATH`, drain, exit 0 or 4.
+
+Signal handlers only record the signal; the main coroutine decides. A second signal cuts the
+drain short (state is still recorded); a third exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import structlog
+
+from daemon import __version__, metrics, priority
+from daemon.config import Config
+from daemon.engine import Engine
+from daemon.storage import S3Options, Storage, open_storage
+
+EXIT_OK, EXIT_NOT_DRAINED = 0, 4
+log = structlog.get_logger()
+
+
+def storage_for(c: Config) -> Storage:
+    return open_storage(c.storage, S3Options(
+        endpoint_url=c.s3_endpoint_url, region=c.s3_region, addressing_style=c.s3_addressing_style,
+        checksum=c.s3_checksum, payload_signing=c.s3_payload_signing, sse=c.s3_sse,
+        sse_kms_key_id=c.s3_sse_kms_key_id, ca_bundle=c.s3_ca_bundle, max_connections=c.s3_max_connections,
+    ))  # fmt: skip
+
+
+class Stopper:
+    """Turns signals and the --exit-when file into one `stop` event, and counts repeats."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        self.stop = asyncio.Event()
+        self.engine = engine
+        self.count = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        self.count += 1
+        log.info("signal received", signal=sig.name, count=self.count)
+        if self.count == 2 and self.engine.drain_deadline is not None:
+            self.engine.drain_deadline = 0.0  # finish now, but still record state
+        elif self.count >= 3:
+            os._exit(EXIT_NOT_DRAINED)
+        self.stop.set()
+
+    async def watch_file(self, path: str) -> None:
+        while not os.path.exists(path):
+            await asyncio.sleep(0.25)
+        log.info("exit file found", path=path)
+        self.stop.set()
+
+
+async def watch(c: Config, exit_when: str | None) -> int:
+    metrics.INFO.labels(__version__, c.project, c.job_id, str(c.node_rank)).set(1)
+    async with storage_for(c) as storage:
+        engine = Engine(c, storage)
+        stopper = Stopper(asyncio.get_running_loop(), engine)
+        waiter = asyncio.create_task(stopper.watch_file(exit_when)) if exit_when else None
+        report = await engine.run(stopper.stop)
+        if waiter:
+            waiter.cancel()
+    if not report.ok:
+        log.error("not everything was stored", files=report.not_stored[:50], count=len(report.not_stored))
+    return EXIT_OK if report.ok else EXIT_NOT_DRAINED
+
+
+def main(c: Config, args: argparse.Namespace) -> int:
+    applied = priority.apply(c.nice, c.io_priority, c.cpu_affinity)  # before any thread exists
+    log.info("priority lowered", **applied)
+    import uvloop
+
+    return uvloop.run(watch(c, args.exit_when))

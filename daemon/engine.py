@@ -1,0 +1,332 @@
+"""The upload engine: detected → complete → pinned → queued → uploaded → recorded → committed.
+
+Lifecycle as named awaitables: `startup()`, `serve(stop)`, `shutdown()`; `run(stop)` is the three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from daemon import jobmeta, layout, metrics, recover
+from daemon import journal as jr
+from daemon.commit import CheckpointTracker, StoredFile
+from daemon.complete import Identity, is_marker
+from daemon.config import Config
+from daemon.detect import Detector, scan
+from daemon.manifest import build_manifest, metrics_from_trainer_state, write_manifest
+from daemon.pin import Pin
+from daemon.queue import LARGE, SMALL, Job, UploadQueue
+from daemon.retry import retrying
+from daemon.settle import Settler
+from daemon.storage import Storage, StorageError
+from daemon.throttle import Throttle
+from daemon.transfer import Changed, Transfer
+
+STATE_DIR = ".ckptd"  # inside the checkpoint folder: same file system, so staging can hard-link
+log = structlog.get_logger()
+
+
+@dataclass
+class Report:
+    """What a drain achieved; `ok` means every complete file is stored."""
+
+    stored: int = 0
+    not_stored: list[str] = field(default_factory=list)
+    still_writing: list[str] = field(default_factory=list)
+    uncommitted: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.not_stored
+
+
+class Engine:
+    def __init__(self, config: Config, storage: Storage) -> None:
+        self.c, self.storage = config, storage
+        self.root = config.checkpoint_dir
+        self.staging = os.path.join(self.root, STATE_DIR, f"staging-rank-{config.node_rank}")
+        self.journal = jr.Journal(os.path.join(self.root, STATE_DIR, f"journal-rank-{config.node_rank}.jsonl"))
+        self.queue = UploadQueue(config.multipart_threshold)
+        self.tracker = CheckpointTracker(config.markers, config.quiet_commit)
+        self.settler = Settler(self.root, self.staging, config.settle_time, config.ignore_patterns,
+                               self._noticed, self._complete, self._skip)  # fmt: skip
+        self.transfer = Transfer(storage, self.journal, asyncio.Semaphore(config.parts_in_flight),
+                                 Throttle(config.bandwidth_limit), config.multipart_threshold, config.part_size,
+                                 lambda: self.drain_deadline)  # fmt: skip
+        self.failed: dict[str, tuple[Job, StorageError]] = {}
+        self.permanent_error: StorageError | None = None
+        self.drain_deadline: float | None = None
+        self.stored_count = 0
+        self.detector: Detector | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._commit_wake = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._metadata_lock = asyncio.Lock()
+
+    def key(self, relpath: str) -> str:
+        return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> Report:
+        await self.startup()
+        await self.serve(stop)
+        return await self.shutdown()
+
+    async def startup(self) -> None:
+        os.makedirs(self.staging, exist_ok=True)
+        await asyncio.to_thread(self.journal.open)
+        await recover.recover(self)
+        spawn = self._spawn
+        spawn(self.settler.run(), "settle")
+        for lane, count in ((SMALL, max(1, self.c.upload_concurrency // 2)), (LARGE, self.c.upload_concurrency)):
+            for i in range(count):
+                spawn(self._worker(lane), f"upload-{lane}-{i}")
+        spawn(self._committer(), "commit")
+        spawn(self._every(self.c.rescan_interval, self.rescan), "rescan")
+        spawn(self._every(0.2, self._sync_journal), "journal")
+        spawn(self._every(1.0, self._refresh_gauges), "gauges")
+        spawn(self._job_metadata("RUNNING", None), "job-metadata")
+        loop = asyncio.get_running_loop()
+        self.detector = Detector(self.root, loop, self.settler.notice, mode=self.c.watch_mode,
+                                 skip_dir=lambda rel: rel.split("/", 1)[0] == STATE_DIR)  # fmt: skip
+        self.detector.start()
+        await self.rescan()
+        log.info("watching", folder=self.root, mode=self.detector.mode, storage=self.storage.url,
+                 journal_files=len(self.journal.state.stored))  # fmt: skip
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def shutdown(self, exit_code: int | None = None) -> Report:
+        """Final scan, drain until the deadline, commit, record, then cancel what is left."""
+        self.drain_deadline = time.monotonic() + self.c.drain_timeout
+        log.info("draining", deadline_seconds=self.c.drain_timeout)
+        await self.rescan(retry_failed=True)
+        while (self.settler.busy() or not self.queue.empty()) and time.monotonic() < self.drain_deadline:
+            await asyncio.sleep(0.05)
+        await self._commit_due(final=exit_code in (None, 0))
+        if self.detector:
+            self.detector.stop()
+        await self._cancel_tasks("drain finished" if self.queue.empty() else "drain deadline passed")
+        report = Report(self.stored_count, sorted({j.relpath for j in self.queue.jobs()} | set(self.failed)),
+                        self.settler.still_writing(), self.tracker.uncommitted())  # fmt: skip
+        self.settler.release_all()
+        await self._final_metadata(report, exit_code)
+        await asyncio.to_thread(self.journal.close)
+        log.info("drained", stored=report.stored, not_stored=report.not_stored[:20],
+                 not_stored_count=len(report.not_stored), uncommitted=report.uncommitted[:20],
+                 still_being_written=report.still_writing[:20])  # fmt: skip
+        return report
+
+    # -- flow --------------------------------------------------------------------------------
+
+    def _noticed(self, relpath: str) -> None:
+        """A new candidate: its checkpoint must not commit before it is stored or dropped."""
+        self.tracker.noticed(relpath, time.monotonic())
+
+    def _complete(self, pin: Pin) -> None:
+        """Settler verdict COMPLETE: skip if this very version is stored, else queue it."""
+        key = self.key(pin.relpath)
+        known = self.journal.state.stored.get(pin.relpath)
+        if known and known.identity == pin.identity and known.key == key:
+            pin.release()
+            metrics.FILES_SKIPPED.labels(reason="unchanged").inc()
+            self.tracker.stored(StoredFile(known.relpath, known.identity.size, known.sha256, known.key, known.etag),
+                                time.monotonic())  # fmt: skip
+            return
+        self.tracker.noticed(pin.relpath, time.monotonic())
+        if pin.stage:
+            self.journal.record("pinned", jr.Pinned(pin.relpath, pin.identity, pin.stage))
+        self.failed.pop(pin.relpath, None)
+        replaced = self.queue.put(Job(pin, key))
+        if replaced and replaced.pin.stage != pin.stage:
+            self._unpin(replaced.pin)
+
+    def _skip(self, relpath: str, reason: str) -> None:
+        metrics.FILES_SKIPPED.labels(reason=reason).inc()
+        if reason == "vanished":
+            self.tracker.dropped(relpath, time.monotonic())
+
+    def _unpin(self, pin: Pin) -> None:
+        if pin.stage:
+            self.journal.record("unpinned", stage=pin.stage)
+        pin.release()
+
+    async def _worker(self, lane: str) -> None:
+        while True:
+            job = await self.queue.get(lane)
+            try:
+                await self._upload(job)
+            finally:
+                self.queue.done(job)
+
+    async def _upload(self, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            stored = await self.transfer.upload(job.pin, job.key)
+        except StorageError as e:
+            self._failed(job, e)
+            return
+        except (Changed, OSError) as e:
+            if job.pin.current() == job.pin.identity and not isinstance(e, Changed):
+                self._failed(job, StorageError("read", job.key, "ReadError", str(e), transient=False))
+                return
+            log.info("changed while uploading; the new version follows", path=job.relpath)
+            self._unpin(job.pin)
+            self.settler.notice(os.path.join(self.root, job.relpath), False)
+            return
+        self.journal.record("stored", stored)
+        await self._stored(job, stored, time.monotonic() - started)
+
+    async def _stored(self, job: Job, stored: jr.Stored, seconds: float) -> None:
+        now = time.monotonic()
+        metrics.UPLOAD_LAG.observe(now - job.complete_at)
+        metrics.UPLOADED_FILES.inc()
+        metrics.UPLOADED_BYTES.inc(job.size)
+        self.stored_count += 1
+        self.permanent_error = None
+        checkpoint = layout.checkpoint_of(job.relpath)
+        if is_marker(job.relpath, ("trainer_state.json",)):
+            self.tracker.set_metrics(checkpoint, await asyncio.to_thread(_read_pinned, job.pin))
+        self._unpin(job.pin)
+        self.tracker.stored(StoredFile(job.relpath, job.size, stored.sha256, stored.key, stored.etag), now)
+        self._commit_wake.set()
+        log.info("uploaded", path=job.relpath, key=job.key, bytes=job.size, seconds=round(seconds, 3),
+                 mb_per_s=round(job.size / max(seconds, 1e-6) / 1e6, 1))  # fmt: skip
+
+    def _failed(self, job: Job, e: StorageError) -> None:
+        metrics.UPLOAD_FAILURES.labels(reason=e.code).inc()
+        self.failed[job.relpath] = (job, e)
+        if not e.transient:
+            self.permanent_error = e
+        log.error("upload failed", path=job.relpath, key=job.key, code=e.code, error=e.message,
+                  transient=e.transient, retry="at next scan" if self.drain_deadline is None else "no")  # fmt: skip
+
+    async def rescan(self, retry_failed: bool = True) -> None:
+        """Reconcile with the folder: inotify is a hint, this is the truth."""
+        found = await asyncio.to_thread(self._scan_changed)
+        for path in found:
+            relpath = layout.relpath_of(self.root, path)
+            if relpath in self.settler.candidates or self.queue.queued(relpath) or relpath in self.failed:
+                continue
+            metrics.RESCAN_FOUND.inc()
+            self.settler.notice(path, False)
+        if retry_failed:
+            for relpath, (job, _) in list(self.failed.items()):
+                if not self.queue.queued(relpath):
+                    del self.failed[relpath]
+                    self.queue.put(job)
+
+    def _scan_changed(self) -> list[str]:
+        """Files whose current version is not the stored one (runs in a thread)."""
+        stored = self.journal.state.stored
+        out = []
+        for path in scan(self.root, skip_dir=lambda rel: rel.split("/", 1)[0] == STATE_DIR):
+            rel = os.path.relpath(path, self.root)
+            known = stored.get(rel)
+            if known is None or Identity.stat(path) != known.identity:
+                out.append(path)
+        return out
+
+    # -- commits and metadata -----------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._commit_wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            self._commit_wake.clear()
+            await self._commit_due(final=False)
+
+    async def _commit_due(self, final: bool) -> None:
+        async with self._commit_lock:  # the committer and the drain must not write one manifest twice
+            await self._commit_due_locked(final)
+
+    async def _commit_due_locked(self, final: bool) -> None:
+        for checkpoint, reason in self.tracker.due(time.monotonic(), final=final):
+            files = self.tracker.files(checkpoint)
+            manifest = build_manifest(self.c.project, self.c.job_id, self.c.node_rank, checkpoint, files, reason,
+                                      self.tracker.metrics(checkpoint))  # fmt: skip
+            try:
+                await retrying(lambda m=manifest: write_manifest(self.storage, m), deadline=lambda: self.drain_deadline)
+            except StorageError as e:
+                log.error("commit failed", checkpoint=checkpoint, code=e.code, error=e.message)
+                continue
+            if not self.tracker.committed(checkpoint, time.monotonic()):
+                continue  # a file changed while the manifest was written: it comes due again
+            metrics.COMMITTED.inc()
+            metrics.LAST_COMMIT_TIME.set(time.time())
+            if manifest.get("step") is not None:
+                metrics.LAST_COMMITTED_STEP.set(manifest["step"])
+            log.info("checkpoint committed", checkpoint=checkpoint, reason=reason, files=len(files),
+                     bytes=manifest["total_bytes"], step=manifest.get("step"))  # fmt: skip
+
+    async def _job_metadata(self, status: str, exit_code: int | None, **extra: object) -> None:
+        async with self._metadata_lock:  # an old RUNNING must never land after the final status
+            await self._job_metadata_locked(status, exit_code, **extra)
+
+    async def _job_metadata_locked(self, status: str, exit_code: int | None, **extra: object) -> None:
+        c = self.c
+        try:
+            await retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size),
+                           deadline=lambda: self.drain_deadline)  # fmt: skip
+            await retrying(lambda: jobmeta.write_rank_status(self.storage, c.project, c.job_id, c.node_rank,
+                           status=status, exit_code=exit_code, **extra), deadline=lambda: self.drain_deadline)  # fmt: skip
+        except StorageError as e:
+            self.permanent_error = e if not e.transient else self.permanent_error
+            log.error("job metadata not written", code=e.code, error=e.message, status=status)
+
+    async def _final_metadata(self, report: Report, exit_code: int | None) -> None:
+        status = "FAILED" if exit_code not in (None, 0) else "COMPLETED"
+        sync = "COMPLETED" if report.ok else "SYNCING"
+        self.drain_deadline = min(self.drain_deadline or 0, time.monotonic()) + 10  # a short last chance
+        await self._job_metadata(status, exit_code, sync_status=sync, uncommitted=report.uncommitted,
+                                 failed_files=len(report.not_stored))  # fmt: skip
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def _spawn(self, coro, name: str) -> None:  # noqa: ANN001
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _every(self, seconds: float, fn) -> None:  # noqa: ANN001
+        while True:
+            await asyncio.sleep(seconds)
+            await fn()
+
+    async def _sync_journal(self) -> None:
+        fd = self.journal.flush()  # on the loop: records are only ever written from here
+        if fd is not None:
+            await asyncio.to_thread(os.fsync, fd)
+
+    async def _refresh_gauges(self) -> None:
+        jobs = [*self.queue.jobs(), *(j for j, _ in self.failed.values())]
+        now = time.monotonic()
+        metrics.PENDING_FILES.set(len(jobs))
+        metrics.PENDING_BYTES.set(sum(j.size for j in jobs))
+        metrics.OLDEST_PENDING_AGE.set(max((now - j.complete_at for j in jobs), default=0))
+        st = os.statvfs(self.root)
+        metrics.CHECKPOINT_DIR_FREE.set(st.f_bavail * st.f_frsize)
+
+    async def _cancel_tasks(self, reason: str) -> None:
+        busy = [j.relpath for j in self.queue.jobs()]
+        for task in self._tasks:
+            task.cancel(reason)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if busy:
+            log.warning("uploads cancelled", reason=reason, files=busy[:20], count=len(busy))
+
+
+def _read_pinned(pin: Pin) -> dict:
+    fd = pin.open()
+    try:
+        return metrics_from_trainer_state(os.pread(fd, 16 << 20, 0))
+    finally:
+        os.close(fd)
