@@ -216,6 +216,15 @@ class CheckpointTracker:
         self.last_commit = LastCommit(checkpoint, reason, now)
         return True
 
+    def already_committed(self, checkpoint: str) -> None:
+        """Recovery: a manifest in the store already covers exactly the stored files."""
+        state = self._state(checkpoint)
+        state.committed = not state.pending
+
+    def is_committed(self, checkpoint: str) -> bool:
+        state = self._checkpoints.get(checkpoint)
+        return bool(state) and state.committed
+
     def uncommitted(self) -> list[str]:
         """Checkpoints holding files (stored or pending) that no written manifest covers."""
         return sorted(

@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from daemon import jobmeta, layout, metrics, recover
+from daemon import diskpressure, layout, metrics, recover
 from daemon import journal as jr
 from daemon.commit import CheckpointTracker, StoredFile
 from daemon.complete import Identity, is_marker
 from daemon.config import Config
 from daemon.detect import Detector, scan
-from daemon.manifest import build_manifest, metrics_from_trainer_state, write_manifest
+from daemon.manifest import metrics_from_trainer_state
+from daemon.publish import Publisher
 from daemon.pin import Pin
 from daemon.queue import LARGE, SMALL, Job, UploadQueue
-from daemon.retry import retrying
 from daemon.settle import Settler
 from daemon.storage import Storage, StorageError
 from daemon.throttle import Throttle
@@ -64,9 +64,7 @@ class Engine:
         self.stored_count = 0
         self.detector: Detector | None = None
         self._tasks: list[asyncio.Task] = []
-        self._commit_wake = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
-        self._metadata_lock = asyncio.Lock()
+        self.publisher = Publisher(config, storage, self.tracker, lambda: self.drain_deadline)
 
     def key(self, relpath: str) -> str:
         return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
@@ -87,7 +85,7 @@ class Engine:
         for lane, count in ((SMALL, max(1, self.c.upload_concurrency // 2)), (LARGE, self.c.upload_concurrency)):
             for i in range(count):
                 spawn(self._worker(lane), f"upload-{lane}-{i}")
-        spawn(self._committer(), "commit")
+        spawn(self.publisher.run(), "commit")
         spawn(self._every(self.c.rescan_interval, self.rescan), "rescan")
         spawn(self._every(0.2, self._sync_journal), "journal")
         spawn(self._every(1.0, self._refresh_gauges), "gauges")
@@ -110,7 +108,7 @@ class Engine:
         await self.rescan(retry_failed=True)
         while (self.settler.busy() or not self.queue.empty()) and time.monotonic() < self.drain_deadline:
             await asyncio.sleep(0.05)
-        await self._commit_due(final=exit_code in (None, 0))
+        await self.publisher.commit_due(final=exit_code in (None, 0))
         if self.detector:
             self.detector.stop()
         await self._cancel_tasks("drain finished" if self.queue.empty() else "drain deadline passed")
@@ -196,7 +194,7 @@ class Engine:
             self.tracker.set_metrics(checkpoint, await asyncio.to_thread(_read_pinned, job.pin))
         self._unpin(job.pin)
         self.tracker.stored(StoredFile(job.relpath, job.size, stored.sha256, stored.key, stored.etag), now)
-        self._commit_wake.set()
+        self.publisher.wake()
         log.info("uploaded", path=job.relpath, key=job.key, bytes=job.size, seconds=round(seconds, 3),
                  mb_per_s=round(job.size / max(seconds, 1e-6) / 1e6, 1))  # fmt: skip
 
@@ -234,61 +232,16 @@ class Engine:
                 out.append(path)
         return out
 
-    # -- commits and metadata -----------------------------------------------------------------
-
-    async def _committer(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._commit_wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
-            self._commit_wake.clear()
-            await self._commit_due(final=False)
-
-    async def _commit_due(self, final: bool) -> None:
-        async with self._commit_lock:  # the committer and the drain must not write one manifest twice
-            await self._commit_due_locked(final)
-
-    async def _commit_due_locked(self, final: bool) -> None:
-        for checkpoint, reason in self.tracker.due(time.monotonic(), final=final):
-            files = self.tracker.files(checkpoint)
-            manifest = build_manifest(self.c.project, self.c.job_id, self.c.node_rank, checkpoint, files, reason,
-                                      self.tracker.metrics(checkpoint))  # fmt: skip
-            try:
-                await retrying(lambda m=manifest: write_manifest(self.storage, m), deadline=lambda: self.drain_deadline)
-            except StorageError as e:
-                log.error("commit failed", checkpoint=checkpoint, code=e.code, error=e.message)
-                continue
-            if not self.tracker.committed(checkpoint, time.monotonic()):
-                continue  # a file changed while the manifest was written: it comes due again
-            metrics.COMMITTED.inc()
-            metrics.LAST_COMMIT_TIME.set(time.time())
-            if manifest.get("step") is not None:
-                metrics.LAST_COMMITTED_STEP.set(manifest["step"])
-            log.info("checkpoint committed", checkpoint=checkpoint, reason=reason, files=len(files),
-                     bytes=manifest["total_bytes"], step=manifest.get("step"))  # fmt: skip
+    async def _final_metadata(self, report: Report, exit_code: int | None) -> None:
+        self.drain_deadline = min(self.drain_deadline or 0, time.monotonic()) + 10  # a short last chance
+        await self._job_metadata("FAILED" if exit_code not in (None, 0) else "COMPLETED", exit_code,
+                                 sync_status="COMPLETED" if report.ok else "SYNCING", uncommitted=report.uncommitted,
+                                 failed_files=len(report.not_stored))  # fmt: skip
 
     async def _job_metadata(self, status: str, exit_code: int | None, **extra: object) -> None:
-        async with self._metadata_lock:  # an old RUNNING must never land after the final status
-            await self._job_metadata_locked(status, exit_code, **extra)
-
-    async def _job_metadata_locked(self, status: str, exit_code: int | None, **extra: object) -> None:
-        c = self.c
-        try:
-            await retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size),
-                           deadline=lambda: self.drain_deadline)  # fmt: skip
-            await retrying(lambda: jobmeta.write_rank_status(self.storage, c.project, c.job_id, c.node_rank,
-                           status=status, exit_code=exit_code, **extra), deadline=lambda: self.drain_deadline)  # fmt: skip
-        except StorageError as e:
-            self.permanent_error = e if not e.transient else self.permanent_error
-            log.error("job metadata not written", code=e.code, error=e.message, status=status)
-
-    async def _final_metadata(self, report: Report, exit_code: int | None) -> None:
-        status = "FAILED" if exit_code not in (None, 0) else "COMPLETED"
-        sync = "COMPLETED" if report.ok else "SYNCING"
-        self.drain_deadline = min(self.drain_deadline or 0, time.monotonic()) + 10  # a short last chance
-        await self._job_metadata(status, exit_code, sync_status=sync, uncommitted=report.uncommitted,
-                                 failed_files=len(report.not_stored))  # fmt: skip
+        error = await self.publisher.job_status(status, exit_code, **extra)
+        if error is not None and not error.transient:
+            self.permanent_error = error
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -312,7 +265,11 @@ class Engine:
         metrics.PENDING_BYTES.set(sum(j.size for j in jobs))
         metrics.OLDEST_PENDING_AGE.set(max((now - j.complete_at for j in jobs), default=0))
         st = os.statvfs(self.root)
-        metrics.CHECKPOINT_DIR_FREE.set(st.f_bavail * st.f_frsize)
+        free = st.f_bavail * st.f_frsize
+        metrics.CHECKPOINT_DIR_FREE.set(free)
+        if self.c.min_free_bytes and free < self.c.min_free_bytes:
+            await asyncio.to_thread(diskpressure.relieve, self.root, self.c.min_free_bytes,
+                                    lambda name: name == STATE_DIR, self.tracker.is_committed)  # fmt: skip
 
     async def _cancel_tasks(self, reason: str) -> None:
         busy = [j.relpath for j in self.queue.jobs()]

@@ -100,7 +100,7 @@ def _load_commits(engine: Engine, manifests: list[dict]) -> None:
         listed = {f["path"]: f["sha256"] for f in manifest["files"]}
         mine = {r: s.sha256 for r, s in stored.items() if layout.checkpoint_of(r) == manifest["checkpoint"]}
         if mine and all(listed.get(r) == sha for r, sha in mine.items()):
-            engine.tracker.committed(manifest["checkpoint"], now)
+            engine.tracker.already_committed(manifest["checkpoint"])
 
 
 def _sha256(path: str) -> str:

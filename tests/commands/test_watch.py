@@ -121,6 +121,15 @@ def test_open_ignored_and_deleted_files_are_never_stored(watch, s3_bucket, tmp_p
     assert d.events("drained")[0]["still_being_written"] == ["still-writing.bin"]
 
 
+def test_sigterm_drains_and_exits_0(watch, moto_bucket, tmp_path):
+    d = watch(moto_bucket)
+    expected = {"checkpoint-1/model.bin": write(tmp_path / "ckpt" / "checkpoint-1" / "model.bin", os.urandom(MiB))}
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0, d.tail()
+    assert {k: sha256(v) for k, v in stored_objects(moto_bucket).items()} == expected
+    assert d.events("signal received")[0]["signal"] == "SIGTERM"
+
+
 def test_permanent_error_is_reported_at_once_and_exits_4(watch, s3_bucket, tmp_path):
     started = time.monotonic()
     d = watch(dataclasses.replace(s3_bucket, name="no-such-bucket-ckptd"))
