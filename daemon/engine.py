@@ -210,7 +210,11 @@ class Engine:
         """Reconcile with the folder: inotify is a hint, this is the truth."""
         found = await asyncio.to_thread(self._scan_changed)
         for path in found:
-            relpath = layout.relpath_of(self.root, path)
+            try:
+                relpath = layout.relpath_of(self.root, path)
+            except layout.UnsafePath:
+                self.settler.notice(path, False)  # it logs and counts the unstorable name
+                continue
             if relpath in self.settler.candidates or self.queue.queued(relpath) or relpath in self.failed:
                 continue
             metrics.RESCAN_FOUND.inc()
@@ -251,7 +255,10 @@ class Engine:
     async def _every(self, seconds: float, fn) -> None:  # noqa: ANN001
         while True:
             await asyncio.sleep(seconds)
-            await fn()
+            try:
+                await fn()
+            except Exception:  # a periodic duty must outlive one bad round; cancellation still ends it
+                log.exception("periodic task failed", task=fn.__name__)
 
     async def _sync_journal(self) -> None:
         fd = self.journal.flush()  # on the loop: records are only ever written from here

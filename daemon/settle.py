@@ -42,19 +42,19 @@ class Settler:
         self.on_notice, self.on_complete, self.on_skip = on_notice, on_complete, on_skip
         self.candidates: dict[str, Candidate] = {}
         self._wake = asyncio.Event()
-        self._ignored_seen: set[str] = set()
+        self._skipped_seen: set[str] = set()
 
     def notice(self, path: str, closed: bool) -> None:
         """A hint that `path` may be complete (called on the event loop)."""
         try:
             relpath = layout.relpath_of(self.root, path)
         except layout.UnsafePath as e:
-            log.warning("file name cannot be stored", path=path, reason=str(e))
-            self.on_skip(path, "unsafe_name")
+            if self._first_time(path):
+                log.warning("file name cannot be stored", path=path, reason=str(e))
+                self.on_skip(path, "unsafe_name")
             return
         if is_ignored(relpath, self.ignore):
-            if relpath not in self._ignored_seen:
-                self._ignored_seen.add(relpath) if len(self._ignored_seen) < 100_000 else self._ignored_seen.clear()
+            if self._first_time(relpath):
                 self.on_skip(relpath, "ignored")
             return
         now = time.monotonic()
@@ -68,6 +68,15 @@ class Settler:
         if c.closed and c.pin is None:
             c.pin = pin(path, relpath, self.staging)
         self._wake.set()
+
+    def _first_time(self, name: str) -> bool:
+        """Count and log a skipped name once, not at every event and scan (bounded memory)."""
+        if name in self._skipped_seen:
+            return False
+        if len(self._skipped_seen) >= 100_000:
+            self._skipped_seen.clear()
+        self._skipped_seen.add(name)
+        return True
 
     def busy(self) -> bool:
         """True while some candidate may still become complete (not merely held open by a writer)."""

@@ -110,6 +110,7 @@ def test_open_ignored_and_deleted_files_are_never_stored(watch, s3_bucket, tmp_p
     held.flush()
     for name in ("x.tmp", "y.part", "z.lock", "tmp-checkpoint-3/model.bin", ".model.bin.swp"):
         write(ckpt / name, b"temporary")
+    write(ckpt / os.fsdecode(b"not-utf8-\xff.bin"), b"no S3 key can name this")
     with open(ckpt / "deleted.bin", "wb") as f:
         f.write(b"half a checkpoint")
         os.unlink(ckpt / "deleted.bin")
@@ -119,10 +120,13 @@ def test_open_ignored_and_deleted_files_are_never_stored(watch, s3_bucket, tmp_p
     held.close()
     assert list(stored_objects(s3_bucket)) == ["sentinel.bin"]
     assert d.events("drained")[0]["still_being_written"] == ["still-writing.bin"]
+    assert "not-utf8" in d.events("file name cannot be stored")[0]["path"]
 
 
 def test_sigterm_drains_and_exits_0(watch, moto_bucket, tmp_path):
     d = watch(moto_bucket)
+    nice = int(Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == 10  # off the trainer's critical path by default
     expected = {"checkpoint-1/model.bin": write(tmp_path / "ckpt" / "checkpoint-1" / "model.bin", os.urandom(MiB))}
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0, d.tail()
