@@ -6,6 +6,7 @@ Configuration errors exit 2 before anything starts (SPEC §3); each command owns
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -121,14 +122,16 @@ def _not_yet(command: str) -> Callable[[Config, argparse.Namespace], int]:
     return run
 
 
-def _watch(config: Config, args: argparse.Namespace) -> int:
-    from daemon.commands import watch
+def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
+    def run(config: Config, args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"daemon.commands.{name}")  # heavy imports only when used
+        return module.main(config, args)
 
-    return watch.main(config, args)
+    return run
 
 
 HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _not_yet(c) for c in COMMANDS}
-HANDLERS["watch"] = _watch
+HANDLERS.update({name: _command(name) for name in ("run", "watch", "restore")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

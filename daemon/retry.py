@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
+from prometheus_client import Counter
 
 from daemon import metrics
 from daemon.storage import StorageError
@@ -57,9 +58,9 @@ def should_retry(error: StorageError, attempt_delay: float, now: float, deadline
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], float | None],
-                   context: dict | None = None) -> T:  # fmt: skip
+                   context: dict | None = None, counter: Counter | None = metrics.UPLOAD_RETRIES) -> T:  # fmt: skip
     """Run `call` until it succeeds, a permanent error, or the deadline (read at each failure,
-    since a drain can set it while we wait)."""
+    since a drain can set it while we wait). Retries are counted in `counter` by error code."""
     attempt = 0
     while True:
         try:
@@ -69,7 +70,8 @@ async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], f
             delay = backoff(attempt, random.random())
             if not should_retry(e, delay, time.monotonic(), deadline()):
                 raise
-            metrics.UPLOAD_RETRIES.labels(reason=e.code).inc()
+            if counter is not None:
+                counter.labels(reason=e.code).inc()
             log.info("retrying", op=e.op, key=e.key, code=e.code, attempt=attempt, delay=round(delay, 2),
                      **(context or {}))  # fmt: skip
             await asyncio.sleep(delay)

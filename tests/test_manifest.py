@@ -14,6 +14,7 @@ from daemon.commit import StoredFile
 from daemon.manifest import (
     build_manifest,
     latest_manifest,
+    recency,
     manifest_bytes,
     metrics_from_trainer_state,
     parse_manifest,
@@ -214,6 +215,20 @@ async def test_manifests_round_trip_and_latest_is_the_last_committed(store):
     assert sorted(m["checkpoint"] for m in found) == [".", "checkpoint-10", "checkpoint-20"]
     assert await latest_manifest(store, "proj", "job", 0) == written[1]
     assert await read_manifests(store, "proj", "job", 1) == []
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (("checkpoint-3", 1), ("checkpoint-2", 2)),
+        (("step-30", 0), ("step-9", 0)),
+        (("checkpoint-1", 0), (".", 60)),
+        (("final", 60), ("best", 0)),
+    ],
+)
+def test_recency_table(a, b):
+    first, second = manifest(a[0], T0 + timedelta(minutes=a[1])), manifest(b[0], T0 + timedelta(minutes=b[1]))
+    assert max([second, first], key=recency) is first
 
 
 async def test_latest_breaks_ties_by_step(store):

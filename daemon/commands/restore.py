@@ -1,0 +1,61 @@
+"""`ckptd restore`: the init container. Also the first phase of `ckptd run`.
+
+Exit codes: 0 restored (or nothing asked / nothing matched an optional reference), 2 two
+references land on one path, 3 a required reference matched nothing or a download failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+
+import structlog
+
+from daemon.config import Config
+from daemon.progress import Bar
+from daemon.restore import RestoreConflict, RestoreFailed, RestoreReport, restore
+from daemon.storage import Storage, StorageError
+
+EXIT_CONFLICT, EXIT_RESTORE = 2, 3
+log = structlog.get_logger()
+
+
+async def restore_phase(c: Config, storage: Storage, report_to: list | None = None) -> int | None:
+    """Restore what the config asks for; None when training may start, else the exit code."""
+    # get_last_checkpoint(f"{BT_LOAD_CHECKPOINT_DIR}/rank-{N}") lists the folder: it must exist.
+    os.makedirs(os.path.join(c.restore_dir, f"rank-{c.node_rank}"), exist_ok=True)
+    if not c.checkpoints:
+        return None
+    if not c.restore_enabled:
+        log.warning("checkpoints are listed but load_checkpoint_config.enabled is false: nothing restored")
+        return None
+    try:
+        report = await restore(storage, refs=c.checkpoints, restore_dir=c.restore_dir, rank=c.node_rank,
+                               default_project=c.project, progress=Bar("restoring"))  # fmt: skip
+    except RestoreConflict as e:
+        log.error("restore refused", error=str(e))
+        return EXIT_CONFLICT
+    except (RestoreFailed, StorageError) as e:
+        log.error("restore failed: training not started", error=str(e))
+        return EXIT_RESTORE
+    if report_to is not None:
+        report_to.append(report)
+    return None
+
+
+def main(c: Config, args: argparse.Namespace) -> int:
+    import uvloop
+
+    from daemon.commands.watch import storage_for
+
+    async def go() -> int | None:
+        async with storage_for(c) as storage:
+            return await restore_phase(c, storage, reports)
+
+    reports: list[RestoreReport] = []
+    code = uvloop.run(go())
+    if args.json and reports:
+        print(json.dumps(asdict(reports[0]), default=str))
+    return code or 0

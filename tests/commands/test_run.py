@@ -1,0 +1,182 @@
+"""`ckptd run` end to end: restore, launch, upload alongside, signals, drain, exit codes.
+
+Real subprocesses and signals, real inotify, real S3 servers (moto, JuiceFS gateway).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, sha256, stored_objects, wait_for
+from servers import free_port
+
+TRAINER = str(Path(__file__).resolve().parent.parent / "trainers" / "fake_trainer.py")
+
+
+class Job:
+    def __init__(self, daemon: Daemon, folder: Path) -> None:
+        self.daemon, self.folder = daemon, folder
+
+    @property
+    def record(self) -> dict:
+        return json.loads((self.folder / "record.json").read_text())
+
+    def ran(self) -> bool:
+        return (self.folder / "record.json").exists()
+
+
+@pytest.fixture
+def job(tmp_path):
+    started: list[Daemon] = []
+
+    def start(bucket, job_id: str, *extra: str, rank: int = 0, group: int = 1, refs: list | None = None,
+              trainer: dict | None = None, endpoint: str | None = None) -> Job:  # fmt: skip
+        folder = tmp_path / f"{job_id}-rank-{rank}"
+        folder.mkdir()
+        config = {"load_checkpoint_config": {"enabled": True, "checkpoints": refs or []}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        storage = s3_args(bucket)
+        if endpoint:
+            storage[storage.index("--s3-endpoint-url") + 1] = endpoint
+        args = ["run", "--config", str(folder / "config.yaml"), *storage, "--project", PROJECT, "--job-id", job_id,
+                "--node-rank", str(rank), "--group-size", str(group), "--checkpoint-dir", str(folder / "ckpt"),
+                "--restore-dir", str(folder / "loaded"), "--settle-time", "0.05", "--drain-timeout", "30",
+                "--stop-timeout", "5", *extra, "--", sys.executable, TRAINER]  # fmt: skip
+        env = {**base_env(), **bucket.server.env(), "TRAINER_RECORD": str(folder / "record.json"),
+               "TRAINER_READY": str(folder / "ready"), **(trainer or {})}  # fmt: skip
+        d = Daemon(args, env, folder / "ckptd.log")
+        started.append(d)
+        return Job(d, folder)
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+def latest_of(project: str | None = None, job_id: str | None = None, **extra) -> dict:
+    ref = {"typ": "baseten_latest_checkpoint", **extra}
+    if project:
+        ref["project_name"] = project
+    if job_id:
+        ref["job_id"] = job_id
+    return ref
+
+
+def named(checkpoint: str, job_id: str) -> dict:
+    return {"typ": "baseten_named_checkpoint", "checkpoint_name": checkpoint, "job_id": job_id}
+
+
+def rank_status(bucket, job_id: str, rank: int = 0) -> dict:
+    key = f"{PREFIX}/training_projects/{PROJECT}/jobs/{job_id}/status/rank-{rank}.json"
+    return json.loads(bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read())
+
+
+def of_checkpoint(written: dict, checkpoint: str) -> dict:
+    return {k: v for k, v in written.items() if k.startswith(checkpoint + "/")}
+
+
+def test_a_job_stores_everything_and_the_next_resumes_from_the_latest(job, s3_bucket):
+    a = job(s3_bucket, "job-a", trainer={"TRAINER_STEPS": "3"})
+    assert a.daemon.wait() == 0, a.daemon.tail()
+    written = a.record["written"]
+    assert {k: sha256(v) for k, v in stored_objects(s3_bucket, "job-a").items()} == written
+    assert sorted(manifests(s3_bucket, "job-a")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    status = rank_status(s3_bucket, "job-a")
+    assert (status["status"], status["sync_status"], status["exit_code"]) == ("COMPLETED", "COMPLETED", 0)
+    assert a.record["env"]["BT_TRAINING_JOB_ID"] == "job-a" and a.record["env"]["BT_NODE_RANK"] == "0"
+
+    b = job(s3_bucket, "job-b", refs=[latest_of(project=PROJECT)])
+    assert b.daemon.wait() == 0, b.daemon.tail()
+    found = b.record["restored"]  # seen by the trainer before it wrote anything
+    assert found["last"] == "checkpoint-3"
+    assert found["files"] == of_checkpoint(written, "checkpoint-3")
+
+
+def test_named_checkpoint_and_latest_of_a_job(job, moto_bucket):
+    a = job(moto_bucket, "job-a", trainer={"TRAINER_STEPS": "3"})
+    assert a.daemon.wait() == 0, a.daemon.tail()
+    written = a.record["written"]
+    c = job(moto_bucket, "job-c", refs=[named("checkpoint-1", "job-a"), latest_of(job_id="job-a")])
+    assert c.daemon.wait() == 0, c.daemon.tail()
+    assert c.record["restored"]["files"] == {**of_checkpoint(written, "checkpoint-1"),
+                                             **of_checkpoint(written, "checkpoint-3")}  # fmt: skip
+
+
+def test_two_nodes_each_restore_their_own_rank(job, moto_bucket):
+    first = [job(moto_bucket, "job-m", rank=r, group=2, trainer={"TRAINER_STEPS": "2"}) for r in (0, 1)]
+    assert [n.daemon.wait() for n in first] == [0, 0], first[1].daemon.tail()
+    second = [job(moto_bucket, "job-n", rank=r, group=2, refs=[latest_of(job_id="job-m")]) for r in (0, 1)]
+    assert [n.daemon.wait() for n in second] == [0, 0], second[1].daemon.tail()
+    for old, new in zip(first, second, strict=True):
+        assert new.record["restored"]["files"] == of_checkpoint(old.record["written"], "checkpoint-2")
+    assert first[0].record["written"] != first[1].record["written"]
+    # A rank the source job never had takes rank 0's files.
+    single = job(moto_bucket, "job-a-single", trainer={"TRAINER_STEPS": "1"})
+    assert single.daemon.wait() == 0
+    lone = job(moto_bucket, "job-o", rank=2, group=3, refs=[latest_of(job_id="job-a-single")])
+    assert lone.daemon.wait() == 0, lone.daemon.tail()
+    assert lone.record["restored"]["files"] == of_checkpoint(single.record["written"], "checkpoint-1")
+
+
+@pytest.mark.parametrize("exit_with, code", [("3", 3), ("kill", 137)])
+def test_trainer_failure_is_the_exit_code_after_draining(job, moto_bucket, exit_with, code):
+    j = job(moto_bucket, f"job-{exit_with}", trainer={"TRAINER_STEPS": "2", "TRAINER_EXIT": exit_with})
+    assert j.daemon.wait() == code, j.daemon.tail()
+    assert {k: sha256(v) for k, v in stored_objects(moto_bucket, f"job-{exit_with}").items()} == j.record["written"]
+    assert rank_status(moto_bucket, f"job-{exit_with}")["status"] == "FAILED"
+
+
+def test_sigterm_reaches_the_trainer_whose_last_checkpoint_is_stored(job, juicefs_bucket):
+    j = job(juicefs_bucket, "job-t", trainer={"TRAINER_STEPS": "1", "TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "save"})
+    wait_for(lambda: (j.folder / "ready").exists(), 30, "the trainer to wait")
+    j.daemon.signal(signal.SIGTERM)
+    assert j.daemon.wait() == 0, j.daemon.tail()
+    assert j.record["terminated"] is True
+    stored = {k: sha256(v) for k, v in stored_objects(juicefs_bucket, "job-t").items()}
+    assert stored == j.record["written"] and "checkpoint-final/model.safetensors" in stored
+    assert "checkpoint-final" in manifests(juicefs_bucket, "job-t")
+
+
+def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_bucket):
+    j = job(moto_bucket, "job-i", "--stop-timeout", "1",
+            trainer={"TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "ignore"})  # fmt: skip
+    wait_for(lambda: (j.folder / "ready").exists(), 30, "the trainer to wait")
+    j.daemon.signal(signal.SIGTERM)
+    assert j.daemon.wait() == 137, j.daemon.tail()
+    assert j.daemon.events("killing the trainer")[0]["reason"] == "stop timeout"
+
+
+def test_store_down_still_reports_success_of_training_and_exits_4(job, moto_bucket):
+    j = job(moto_bucket, "job-down", "--drain-timeout", "3", endpoint=f"http://127.0.0.1:{free_port()}",
+            trainer={"TRAINER_STEPS": "1"})  # fmt: skip
+    assert j.daemon.wait() == 4, j.daemon.tail()
+    assert j.daemon.events("training finished")[0]["succeeded"] is True
+
+
+def test_required_reference_missing_never_starts_training(job, moto_bucket):
+    j = job(moto_bucket, "job-r", refs=[latest_of(job_id="no-such-job", required=True)])
+    assert j.daemon.wait() == 3, j.daemon.tail()
+    assert not j.ran()
+
+
+def test_optional_reference_missing_starts_from_scratch(job, moto_bucket):
+    j = job(moto_bucket, "job-s", refs=[latest_of(job_id="no-such-job")])
+    assert j.daemon.wait() == 0, j.daemon.tail()
+    assert j.record["restored"] == {"files": {}, "last": None}
+
+
+def test_a_corrupted_object_is_never_handed_to_the_trainer(job, juicefs_bucket):
+    a = job(juicefs_bucket, "job-a", trainer={"TRAINER_STEPS": "2"})
+    assert a.daemon.wait() == 0, a.daemon.tail()
+    key = f"{PREFIX}/training_projects/{PROJECT}/jobs/job-a/rank-0/checkpoint-2/model.safetensors"
+    size = juicefs_bucket.client.head_object(Bucket=juicefs_bucket.name, Key=key)["ContentLength"]
+    juicefs_bucket.client.put_object(Bucket=juicefs_bucket.name, Key=key, Body=b"\0" * size)
+    b = job(juicefs_bucket, "job-b", refs=[latest_of(job_id="job-a")])
+    assert b.daemon.wait() == 3, b.daemon.tail()
+    assert not b.ran()
+    assert not (b.folder / "loaded" / "rank-0" / "checkpoint-2" / "model.safetensors").exists()

@@ -1,0 +1,78 @@
+"""A trainer for tests, run by `ckptd run`: what it finds, writes and does is steered by env vars.
+
+TRAINER_RECORD   JSON file (outside the checkpoint folder) where it reports what it restored and wrote
+TRAINER_STEPS    checkpoints to write, Hugging Face style (trainer_state.json last)
+TRAINER_SIZE     bytes of model.safetensors per checkpoint
+TRAINER_EXIT     exit code at the end; "kill" dies of SIGKILL instead
+TRAINER_WAIT     "yes": after writing, wait for a signal (TRAINER_READY file says it is waiting)
+TRAINER_ON_TERM  "save": on SIGTERM write checkpoint-final and exit 0; "ignore": ignore SIGTERM
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+env = os.environ
+record_path = Path(env["TRAINER_RECORD"])
+record: dict = {"env": {k: v for k, v in env.items() if k.startswith("BT_")}, "written": {}}
+save_dir = Path(env["BT_CHECKPOINT_DIR"])
+load_dir = Path(env["BT_LOAD_CHECKPOINT_DIR"]) / f"rank-{env['BT_NODE_RANK']}"
+
+
+def save_record() -> None:
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(record_path)
+
+
+def restored() -> dict:
+    """Every restored file with its SHA-256, and the last checkpoint as get_last_checkpoint finds it."""
+    files = {str(p.relative_to(load_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in load_dir.rglob("*") if p.is_file()} if load_dir.is_dir() else {}
+    names = [p.name for p in load_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)] \
+        if load_dir.is_dir() else []
+    last = max(names, key=lambda n: int(n.split("-")[1]), default=None)
+    return {"files": files, "last": last}
+
+
+def write(folder: Path, name: str, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    record["written"][f"{folder.name}/{name}"] = hashlib.sha256(data).hexdigest()
+
+
+def save(name: str, step: int) -> None:
+    folder = save_dir / name
+    write(folder, "training_args.bin", b"args")
+    write(folder, "model.safetensors", os.urandom(int(env.get("TRAINER_SIZE", "50000"))))
+    write(folder, "trainer_state.json", json.dumps({"global_step": step}).encode())
+    save_record()
+
+
+def on_term(signum, frame) -> None:  # noqa: ANN001
+    save("checkpoint-final", 10_000)
+    record["terminated"] = True
+    save_record()
+    sys.exit(0)
+
+
+record["restored"] = restored()
+save_record()
+if env.get("TRAINER_ON_TERM") == "save":
+    signal.signal(signal.SIGTERM, on_term)
+elif env.get("TRAINER_ON_TERM") == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for step in range(1, int(env.get("TRAINER_STEPS", "0")) + 1):
+    save(f"checkpoint-{step}", step)
+if env.get("TRAINER_WAIT") == "yes":
+    Path(env["TRAINER_READY"]).touch()
+    while True:
+        time.sleep(3600)  # until a signal
+if env.get("TRAINER_EXIT") == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(env.get("TRAINER_EXIT", "0")))
