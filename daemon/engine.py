@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
 
-from daemon import diskpressure, layout, metrics, recover
+from daemon import diskpressure, layout, metrics, recover, views
 from daemon import journal as jr
 from daemon.commit import CheckpointTracker, StoredFile
 from daemon.complete import Identity, is_marker
@@ -57,14 +58,25 @@ class Engine:
                                self._noticed, self._complete, self._skip)  # fmt: skip
         self.transfer = Transfer(storage, self.journal, asyncio.Semaphore(config.parts_in_flight),
                                  Throttle(config.bandwidth_limit), config.multipart_threshold, config.part_size,
-                                 lambda: self.drain_deadline)  # fmt: skip
+                                 lambda: self.drain_deadline, self.observe)  # fmt: skip
         self.failed: dict[str, tuple[Job, StorageError]] = {}
         self.permanent_error: StorageError | None = None
+        self.storage_reachable: bool | None = None  # None until the first request
+        self.recent_errors: deque[dict] = deque(maxlen=20)
         self.drain_deadline: float | None = None
         self.stored_count = 0
         self.detector: Detector | None = None
         self._tasks: list[asyncio.Task] = []
-        self.publisher = Publisher(config, storage, self.tracker, lambda: self.drain_deadline)
+        self.publisher = Publisher(config, storage, self.tracker, lambda: self.drain_deadline, self.observe)
+
+    def observe(self, error: StorageError | None) -> None:
+        """Every storage request's outcome, for /readyz and /status."""
+        if error is None:
+            self.storage_reachable = True
+            return
+        self.storage_reachable = error.code != "NetworkError"
+        self.recent_errors.append({"at": time.time(), "op": error.op, "key": error.key, "code": error.code,
+                                   "message": error.message[:300], "transient": error.transient})  # fmt: skip
 
     def key(self, relpath: str) -> str:
         return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
@@ -88,7 +100,9 @@ class Engine:
         spawn(self.publisher.run(), "commit")
         spawn(self._every(self.c.rescan_interval, self.rescan), "rescan")
         spawn(self._every(0.2, self._sync_journal), "journal")
-        spawn(self._every(1.0, self._refresh_gauges), "gauges")
+        if self.c.min_free_bytes:
+            spawn(self._every(1.0, self._relieve_disk_pressure), "disk-pressure")
+        views.register_gauges(self)
         spawn(self._job_metadata("RUNNING", None), "job-metadata")
         loop = asyncio.get_running_loop()
         self.detector = Detector(self.root, loop, self.settler.notice, mode=self.c.watch_mode,
@@ -116,9 +130,11 @@ class Engine:
         await self.publisher.commit_due(final=exit_code in (None, 0))
         if self.detector:
             self.detector.stop()
-        await self._cancel_tasks("drain finished" if self.queue.empty() else "drain deadline passed")
-        report = Report(self.stored_count, sorted({j.relpath for j in self.queue.jobs()} | set(self.failed)),
-                        self.settler.still_writing(), self.tracker.uncommitted())  # fmt: skip
+        # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
+        not_stored = {j.relpath for j in self.queue.jobs()} | set(self.failed) | set(self.settler.settling())
+        await self._cancel_tasks("drain finished" if not not_stored else "drain deadline passed")
+        report = Report(self.stored_count, sorted(not_stored), self.settler.still_writing(),
+                        self.tracker.uncommitted())  # fmt: skip
         self.settler.release_all()
         await self._final_metadata(report, exit_code)
         await asyncio.to_thread(self.journal.close)
@@ -242,7 +258,8 @@ class Engine:
         return out
 
     async def _final_metadata(self, report: Report, exit_code: int | None) -> None:
-        self.drain_deadline = min(self.drain_deadline or 0, time.monotonic()) + 10  # a short last chance
+        # A short last chance, shorter still when the store is known to be unreachable.
+        self.drain_deadline = min(self.drain_deadline or 0, time.monotonic()) + (10 if self.storage_reachable else 2)
         await self._job_metadata("FAILED" if exit_code not in (None, 0) else "COMPLETED", exit_code,
                                  sync_status="COMPLETED" if report.ok else "SYNCING", uncommitted=report.uncommitted,
                                  failed_files=len(report.not_stored))  # fmt: skip
@@ -270,16 +287,8 @@ class Engine:
         if fd is not None:
             await asyncio.to_thread(os.fsync, fd)
 
-    async def _refresh_gauges(self) -> None:
-        jobs = [*self.queue.jobs(), *(j for j, _ in self.failed.values())]
-        now = time.monotonic()
-        metrics.PENDING_FILES.set(len(jobs))
-        metrics.PENDING_BYTES.set(sum(j.size for j in jobs))
-        metrics.OLDEST_PENDING_AGE.set(max((now - j.complete_at for j in jobs), default=0))
-        st = os.statvfs(self.root)
-        free = st.f_bavail * st.f_frsize
-        metrics.CHECKPOINT_DIR_FREE.set(free)
-        if self.c.min_free_bytes and free < self.c.min_free_bytes:
+    async def _relieve_disk_pressure(self) -> None:
+        if views.free_bytes(self.root) < self.c.min_free_bytes:
             await asyncio.to_thread(diskpressure.relieve, self.root, self.c.min_free_bytes,
                                     lambda name: name == STATE_DIR, self.tracker.is_committed)  # fmt: skip
 

@@ -24,8 +24,9 @@ log = structlog.get_logger()
 
 class Publisher:
     def __init__(self, config: Config, storage: Storage, tracker: CheckpointTracker,
-                 deadline: Callable[[], float | None]) -> None:  # fmt: skip
-        self.c, self.storage, self.tracker, self.deadline = config, storage, tracker, deadline
+                 deadline: Callable[[], float | None],
+                 observe: Callable[[StorageError | None], None] | None = None) -> None:  # fmt: skip
+        self.c, self.storage, self.tracker, self.deadline, self.observe = config, storage, tracker, deadline, observe
         self._wake = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._metadata_lock = asyncio.Lock()
@@ -54,7 +55,8 @@ class Publisher:
         manifest = build_manifest(self.c.project, self.c.job_id, self.c.node_rank, checkpoint, files, reason,
                                   self.tracker.metrics(checkpoint))  # fmt: skip
         try:
-            await retrying(lambda: write_manifest(self.storage, manifest), deadline=self.deadline)
+            await retrying(lambda: write_manifest(self.storage, manifest), deadline=self.deadline,
+                           observe=self.observe)
         except StorageError as e:
             log.error("commit failed", checkpoint=checkpoint, code=e.code, error=e.message)
             return
@@ -74,11 +76,11 @@ class Publisher:
         async with self._metadata_lock:
             try:
                 await retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size),
-                               deadline=self.deadline)  # fmt: skip
+                               deadline=self.deadline, observe=self.observe)  # fmt: skip
                 await retrying(lambda: jobmeta.write_rank_status(
                     self.storage, c.project, c.job_id, c.node_rank, status=status, exit_code=exit_code,
                     last_commit={"checkpoint": last.checkpoint, "reason": last.reason} if last else None, **extra,
-                ), deadline=self.deadline)  # fmt: skip
+                ), deadline=self.deadline, observe=self.observe)  # fmt: skip
             except StorageError as e:
                 log.error("job metadata not written", code=e.code, error=e.message, status=status)
                 return e

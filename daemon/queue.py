@@ -68,6 +68,9 @@ class UploadQueue:
     def queued(self, relpath: str) -> bool:
         return relpath in self._in_flight or any(relpath in lane for lane in self._lanes.values())
 
+    def in_flight(self) -> list[str]:
+        return list(self._in_flight)
+
     def jobs(self) -> list[Job]:
         """Every job not yet stored: queued and in flight."""
         return [*self._in_flight.values(), *(j for lane in self._lanes.values() for j in lane.values())]

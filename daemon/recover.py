@@ -36,8 +36,10 @@ async def recover(engine: Engine) -> None:
     try:
         await _clean_multipart(engine)
         manifests = await read_manifests(engine.storage, engine.c.project, engine.c.job_id, engine.c.node_rank)
+        engine.observe(None)
     except StorageError as e:
         # Not fatal: the trainer must not wait on the store. Uploads will retry or report.
+        engine.observe(e)
         engine.permanent_error = None if e.transient else e
         log.error("storage not usable at start", storage=engine.storage.url, code=e.code, error=e.message)
         manifests = []

@@ -58,14 +58,18 @@ def should_retry(error: StorageError, attempt_delay: float, now: float, deadline
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], float | None],
-                   context: dict | None = None, counter: Counter | None = metrics.UPLOAD_RETRIES) -> T:  # fmt: skip
+                   context: dict | None = None, counter: Counter | None = metrics.UPLOAD_RETRIES,
+                   observe: Callable[[StorageError | None], None] | None = None) -> T:  # fmt: skip
     """Run `call` until it succeeds, a permanent error, or the deadline (read at each failure,
-    since a drain can set it while we wait). Retries are counted in `counter` by error code."""
+    since a drain can set it while we wait). Retries are counted in `counter` by error code;
+    `observe` hears every outcome (None for success), for health reporting."""
     attempt = 0
     while True:
         try:
-            return await call()
+            result = await call()
         except StorageError as e:
+            if observe is not None:
+                observe(e)
             attempt += 1
             delay = backoff(attempt, random.random())
             if not should_retry(e, delay, time.monotonic(), deadline()):
@@ -75,3 +79,7 @@ async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], f
             log.info("retrying", op=e.op, key=e.key, code=e.code, attempt=attempt, delay=round(delay, 2),
                      **(context or {}))  # fmt: skip
             await asyncio.sleep(delay)
+        else:
+            if observe is not None:
+                observe(None)
+            return result

@@ -82,6 +82,10 @@ class Settler:
         """True while some candidate may still become complete (not merely held open by a writer)."""
         return any(not c.writing for c in self.candidates.values())
 
+    def settling(self) -> list[str]:
+        """Candidates that may be complete but were not yet judged so."""
+        return sorted(c.relpath for c in self.candidates.values() if not c.writing)
+
     def still_writing(self) -> list[str]:
         return sorted(c.relpath for c in self.candidates.values() if c.writing)
 

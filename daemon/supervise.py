@@ -62,6 +62,10 @@ class Trainer:
         self._killer: asyncio.TimerHandle | None = None
         self.started = asyncio.Event()
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
     async def run(self) -> int:
         """Run the commands in order, stopping at the first failure or a stop signal."""
         status = 0

@@ -59,6 +59,7 @@ class Transfer:
     threshold: int
     part_size: int | None
     deadline: Callable[[], float | None]
+    observe: Callable[[StorageError | None], None] | None = None
 
     async def upload(self, pin: Pin, key: str) -> jr.Stored:
         fd = pin.open()
@@ -74,7 +75,7 @@ class Transfer:
         size = pin.identity.size
         sha = await asyncio.to_thread(_sha256, fd, size)
         self.throttle.debit(size)
-        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline,
+        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline, observe=self.observe,
                               context={"path": pin.relpath})  # fmt: skip
         _check_unchanged(fd, pin)
         return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
@@ -92,7 +93,7 @@ class Transfer:
             sha = await hashing
             _check_unchanged(fd, pin)
             etag = await retrying(lambda: self.storage.complete_multipart(key, upload_id, parts),
-                                  deadline=self.deadline, context={"path": pin.relpath})  # fmt: skip
+                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath})  # fmt: skip
         except BaseException as e:
             hashing.cancel()
             await self._abort(key, upload_id, pin, e)
@@ -115,7 +116,7 @@ class Transfer:
                 return earlier.upload_id, full
         if earlier:
             await self._abort(earlier.key, earlier.upload_id, pin, None)
-        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline,
+        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline, observe=self.observe,
                                    context={"path": pin.relpath})  # fmt: skip
         part_size = part_size_for(pin.identity.size, self.part_size)
         self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
@@ -129,7 +130,7 @@ class Transfer:
         async with self.parts:
             await self.throttle.take(body.size)
             part = await retrying(lambda: self.storage.upload_part(key, upload_id, number, body),
-                                  deadline=self.deadline, context={"path": pin.relpath, "part": number})  # fmt: skip
+                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath, "part": number})  # fmt: skip
         _drop_cache(fd, offset, body.size)
         return part
 

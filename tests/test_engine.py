@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon import layout, metrics
-from daemon.commands.watch import storage_for
+from daemon.commands.common import storage_for
 from daemon.config import load
 from daemon.engine import Engine
 

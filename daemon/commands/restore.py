@@ -48,7 +48,7 @@ async def restore_phase(c: Config, storage: Storage, report_to: list | None = No
 def main(c: Config, args: argparse.Namespace) -> int:
     import uvloop
 
-    from daemon.commands.watch import storage_for
+    from daemon.commands.common import storage_for
 
     async def go() -> int | None:
         async with storage_for(c) as storage:

@@ -14,9 +14,9 @@ import signal
 
 import structlog
 
-from daemon import __version__, metrics, priority
+from daemon import metrics, priority
+from daemon.commands.common import EXIT_CONFIG, serving, storage_for
 from daemon.commands.restore import restore_phase
-from daemon.commands.watch import storage_for
 from daemon.config import Config
 from daemon.engine import Engine, Report
 from daemon.supervise import FORWARDED, STOPPING, Trainer, commands_of, trainer_env
@@ -89,23 +89,27 @@ async def supervise(c: Config, trainer: Trainer, signals: Signals) -> tuple[int,
 
 
 async def run(c: Config, argv: list[str]) -> int:
-    metrics.INFO.labels(__version__, c.project, c.job_id, str(c.node_rank)).set(1)
-    signals = Signals()
-    async with storage_for(c) as storage:
-        restoring = asyncio.create_task(restore_phase(c, storage))
-        if (sig := await first(restoring, signals)) is not None:
-            restoring.cancel()
-            log.warning("stopped before training started", signal=sig.name)
-            return 128 + sig
-        if (code := restoring.result()) is not None:
-            return code
-        engine = Engine(c, storage) if c.checkpointing_enabled else None
-        if engine:
-            await engine.startup()
-        trainer = Trainer(commands_of(c, argv), trainer_env(c, os.environ), c.stop_timeout)
-        status, hurry = await supervise(c, trainer, signals)
-        log.info("training finished", exit_code=status, succeeded=status == 0)
-        report = await engine.shutdown(status, HURRIED_DRAIN if hurry else None) if engine else Report()
+    async with serving(c, "run") as health:
+        if health is None:
+            return EXIT_CONFIG
+        signals = Signals()
+        async with storage_for(c) as storage:
+            restoring = asyncio.create_task(restore_phase(c, storage))
+            if (sig := await first(restoring, signals)) is not None:
+                restoring.cancel()
+                log.warning("stopped before training started", signal=sig.name)
+                return 128 + sig
+            if (code := restoring.result()) is not None:
+                return code
+            health.restore_done = True
+            engine = health.engine = Engine(c, storage) if c.checkpointing_enabled else None
+            if engine:
+                await engine.startup()
+            trainer = Trainer(commands_of(c, argv), trainer_env(c, os.environ), c.stop_timeout)
+            health.trainer_running = lambda: trainer.running
+            status, hurry = await supervise(c, trainer, signals)
+            log.info("training finished", exit_code=status, succeeded=status == 0)
+            report = await engine.shutdown(status, HURRIED_DRAIN if hurry else None) if engine else Report()
     code = final_exit(status, report.ok)
     if code != status:
         log.error("training succeeded but not every checkpoint file was stored", exit_code=code,

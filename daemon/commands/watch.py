@@ -13,21 +13,13 @@ import signal
 
 import structlog
 
-from daemon import __version__, metrics, priority
+from daemon import priority
+from daemon.commands.common import EXIT_CONFIG, serving, storage_for
 from daemon.config import Config
 from daemon.engine import Engine
-from daemon.storage import S3Options, Storage, open_storage
 
 EXIT_OK, EXIT_NOT_DRAINED = 0, 4
 log = structlog.get_logger()
-
-
-def storage_for(c: Config) -> Storage:
-    return open_storage(c.storage, S3Options(
-        endpoint_url=c.s3_endpoint_url, region=c.s3_region, addressing_style=c.s3_addressing_style,
-        checksum=c.s3_checksum, payload_signing=c.s3_payload_signing, sse=c.s3_sse,
-        sse_kms_key_id=c.s3_sse_kms_key_id, ca_bundle=c.s3_ca_bundle, max_connections=c.s3_max_connections,
-    ))  # fmt: skip
 
 
 class Stopper:
@@ -57,14 +49,17 @@ class Stopper:
 
 
 async def watch(c: Config, exit_when: str | None) -> int:
-    metrics.INFO.labels(__version__, c.project, c.job_id, str(c.node_rank)).set(1)
-    async with storage_for(c) as storage:
-        engine = Engine(c, storage)
-        stopper = Stopper(asyncio.get_running_loop(), engine)
-        waiter = asyncio.create_task(stopper.watch_file(exit_when)) if exit_when else None
-        report = await engine.run(stopper.stop)
-        if waiter:
-            waiter.cancel()
+    async with serving(c, "watch") as health:
+        if health is None:
+            return EXIT_CONFIG
+        health.restore_done = True  # nothing to restore in sidecar mode: the init container did it
+        async with storage_for(c) as storage:
+            engine = health.engine = Engine(c, storage)
+            stopper = Stopper(asyncio.get_running_loop(), engine)
+            waiter = asyncio.create_task(stopper.watch_file(exit_when)) if exit_when else None
+            report = await engine.run(stopper.stop)
+            if waiter:
+                waiter.cancel()
     if not report.ok:
         log.error("not everything was stored", files=report.not_stored[:50], count=len(report.not_stored))
     return EXIT_OK if report.ok else EXIT_NOT_DRAINED

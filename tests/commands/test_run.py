@@ -45,7 +45,7 @@ def job(tmp_path):
             storage[storage.index("--s3-endpoint-url") + 1] = endpoint
         args = ["run", "--config", str(folder / "config.yaml"), *storage, "--project", PROJECT, "--job-id", job_id,
                 "--node-rank", str(rank), "--group-size", str(group), "--checkpoint-dir", str(folder / "ckpt"),
-                "--restore-dir", str(folder / "loaded"), "--settle-time", "0.05", "--drain-timeout", "30",
+                "--restore-dir", str(folder / "loaded"), "--settle-time", "0.05", "--metrics-addr", "127.0.0.1:0", "--drain-timeout", "30",
                 "--stop-timeout", "5", *extra, "--", sys.executable, TRAINER]  # fmt: skip
         env = {**base_env(), **bucket.server.env(), "TRAINER_RECORD": str(folder / "record.json"),
                "TRAINER_READY": str(folder / "ready"), **(trainer or {})}  # fmt: skip

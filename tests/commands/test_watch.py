@@ -25,7 +25,7 @@ def watch(tmp_path):
         ckpt = ckpt or tmp_path / "ckpt"
         exit_file = tmp_path / f"exit-{len(started)}"
         args = ["watch", *s3_args(bucket), "--checkpoint-dir", str(ckpt), "--project", PROJECT, "--job-id", JOB,
-                "--settle-time", "0.1", "--exit-when", str(exit_file), "--drain-timeout", "60", *extra]  # fmt: skip
+                "--settle-time", "0.1", "--metrics-addr", "127.0.0.1:0", "--exit-when", str(exit_file), "--drain-timeout", "60", *extra]  # fmt: skip
         d = Daemon(args, {**base_env(), **bucket.server.env(), **(env or {})}, tmp_path / f"watch-{len(started)}.log")
         d.exit_file = exit_file
         started.append(d)
