@@ -108,6 +108,8 @@ class _Checkpoint:
     committed: bool = False
     # What due() offered: committed() only counts if the checkpoint is still exactly that.
     offered: tuple[Mapping[str, StoredFile], str] | None = None
+    # What the last written manifest lists: a file noticed again but found unchanged commits nothing new.
+    manifest_files: Mapping[str, StoredFile] | None = None
 
 
 class CheckpointTracker:
@@ -174,6 +176,8 @@ class CheckpointTracker:
         return any(fnmatch.fnmatchcase(_basename(relpath), glob) for glob in self.markers)
 
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
+        if not state.committed and not state.pending and state.stored == state.manifest_files:
+            state.committed = True  # noticed again, found unchanged: the manifest still holds
         if state.committed or not state.stored:
             return None
         names = [*state.stored, *state.pending]
@@ -213,6 +217,7 @@ class CheckpointTracker:
         if state.pending or files != state.stored:
             return False
         state.committed = True
+        state.manifest_files = dict(files)
         self.last_commit = LastCommit(checkpoint, reason, now)
         return True
 
@@ -220,6 +225,7 @@ class CheckpointTracker:
         """Recovery: a manifest in the store already covers exactly the stored files."""
         state = self._state(checkpoint)
         state.committed = not state.pending
+        state.manifest_files = dict(state.stored)
 
     def is_committed(self, checkpoint: str) -> bool:
         state = self._checkpoints.get(checkpoint)

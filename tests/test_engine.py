@@ -11,36 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon import layout, metrics
+from engines import config, counter, s3_flags, until
+
+from daemon import layout
 from daemon.commands.common import storage_for
-from daemon.config import load
 from daemon.engine import Engine
 
 MiB = 1 << 20
 QUEUE_LIMIT = "/proc/sys/fs/inotify/max_queued_events"
-
-
-def config(tmp_path: Path, storage: str, **flags: str):
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    base = {"storage": storage, "checkpoint_dir": str(tmp_path / "ckpt"), "project": "proj", "job_id": "job-1",
-            "settle_time": "0.05", "drain_timeout": "60"}  # fmt: skip
-    return load({**base, **flags}, {**env, "HOME": str(tmp_path)})
-
-
-def s3_flags(bucket) -> dict[str, str]:
-    return {"storage": f"s3://{bucket.name}/ckptd", "s3_endpoint_url": bucket.server.endpoint_url,
-            "s3_addressing_style": "path"}  # fmt: skip
-
-
-async def until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-def counter(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels or None) or 0.0
 
 
 def write_files(folder: Path, count: int, size: int = 100) -> None:

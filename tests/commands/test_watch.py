@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -194,15 +195,21 @@ def test_sigkill_mid_multipart_resumes_and_leaves_no_incomplete_upload(watch, ju
 
 
 def test_memory_stays_bounded_for_a_4gib_file_and_1000_small_files(watch, juicefs_bucket, tmp_path):
+    """Also: /healthz answers promptly all along (the event loop is never blocked for long)."""
     ckpt = tmp_path / "ckpt"
     d = watch(juicefs_bucket)
+    healthz = "http://" + d.wait_event("serving metrics and health")["address"] + "/healthz"
     peak = [0]
+    probes: list[tuple[int, float, float]] = []  # (status, seconds to answer, loop lag it reported)
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set() and d.proc.poll() is None:
             try:
                 peak[0] = max(peak[0], d.peak_rss())
+                started = time.monotonic()
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(healthz, timeout=10) as r:
+                    probes.append((r.status, time.monotonic() - started, json.loads(r.read())["loop_lag_seconds"]))
             except (OSError, AssertionError):
                 return
             stop.wait(0.2)
@@ -220,8 +227,11 @@ def test_memory_stays_bounded_for_a_4gib_file_and_1000_small_files(watch, juicef
     assert drain(d, timeout=300) == 0, d.tail()
     stop.set()
     sampler.join()
-    print(f"peak RSS {peak[0] / MiB:.0f} MiB")
+    print(f"peak RSS {peak[0] / MiB:.0f} MiB; /healthz: {len(probes)} probes, slowest answer "
+          f"{max(p[1] for p in probes):.3f} s, largest loop lag {max(p[2] for p in probes):.3f} s")
     assert peak[0] < 250 * MiB
+    assert len(probes) > 20 and all(status == 200 for status, _, _ in probes)
+    assert max(p[1] for p in probes) < 1.0 and max(p[2] for p in probes) < 0.5
     stored = stored_objects_count(juicefs_bucket)
     assert stored == 1001
 

@@ -1,0 +1,34 @@
+"""Helpers for tests that run the upload engine in-process, where its metrics can be read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from daemon import metrics
+from daemon.config import load
+
+
+def config(tmp_path: Path, storage: str, **flags: str):
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    base = {"storage": storage, "checkpoint_dir": str(tmp_path / "ckpt"), "project": "proj", "job_id": "job-1",
+            "settle_time": "0.05", "drain_timeout": "60"}  # fmt: skip
+    return load({**base, **flags}, {**env, "HOME": str(tmp_path)})
+
+
+def s3_flags(bucket) -> dict[str, str]:
+    return {"storage": f"s3://{bucket.name}/ckptd", "s3_endpoint_url": bucket.server.endpoint_url,
+            "s3_addressing_style": "path"}  # fmt: skip
+
+
+async def until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def counter(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels or None) or 0.0
