@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from daemon.durable import fsync_dir
 from daemon.complete import Identity
 
 
@@ -103,7 +104,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
         if self._file:
             self._file.close()
         # Line-buffered: each record reaches the OS at once, so a killed process loses nothing;
@@ -142,9 +143,3 @@ class Journal:
             self._file = None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from daemon.durable import fsync_dir
 from daemon import metrics
 from daemon.config.refs import CheckpointRef
 from daemon.manifest import json_bytes, utc_now
@@ -261,12 +262,6 @@ async def _resolve_all(storage: Storage, refs: Sequence[CheckpointRef], default_
     return resolved, missing
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dirs(items: Iterable[Item], restore_dir: str) -> None:
@@ -279,7 +274,7 @@ def _fsync_dirs(items: Iterable[Item], restore_dir: str) -> None:
             dirs.add(d)
             d = os.path.dirname(d)
     for d in sorted(dirs, reverse=True):
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _write_summary(restore_dir: str, rank: int, summary: dict[str, Any]) -> None:
@@ -290,7 +285,7 @@ def _write_summary(restore_dir: str, rank: int, summary: dict[str, Any]) -> None
     _prepare(_part_path(path))
     _write_at(_part_path(path), data, 0)
     _finish(_part_path(path), Item(SUMMARY, path, len(data), hashlib.sha256(data).hexdigest()))
-    _fsync_dir(restore_dir)
+    fsync_dir(restore_dir)
 
 
 async def restore(storage: Storage, *, refs: Sequence[CheckpointRef], restore_dir: str, rank: int,

@@ -101,27 +101,24 @@ class Daemon:
         self._out.close()
 
 
-def stored_objects(bucket: S3Bucket, job: str = JOB, rank: int = 0) -> dict[str, bytes]:
-    """relpath -> content of every checkpoint file stored for the rank."""
-    prefix = f"{PREFIX}/training_projects/{PROJECT}/jobs/{job}/rank-{rank}/"
+def objects(bucket: S3Bucket, prefix: str) -> dict[str, bytes]:
+    """Key (without `prefix`) -> content of every object under `prefix`."""
     client = bucket.client
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix):
         for item in page.get("Contents", []):
-            body = client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read()
-            out[item["Key"][len(prefix):]] = body
+            out[item["Key"][len(prefix):]] = client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read()
     return out
+
+
+def stored_objects(bucket: S3Bucket, job: str = JOB, rank: int = 0) -> dict[str, bytes]:
+    """relpath -> content of every checkpoint file stored for the rank."""
+    return objects(bucket, f"{PREFIX}/training_projects/{PROJECT}/jobs/{job}/rank-{rank}/")
 
 
 def manifests(bucket: S3Bucket, job: str = JOB, rank: int = 0) -> dict[str, dict]:
-    prefix = f"{PREFIX}/training_projects/{PROJECT}/jobs/{job}/manifests/rank-{rank}/"
-    client = bucket.client
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix):
-        for item in page.get("Contents", []):
-            data = json.loads(client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read())
-            out[data["checkpoint"]] = data
-    return out
+    found = objects(bucket, f"{PREFIX}/training_projects/{PROJECT}/jobs/{job}/manifests/rank-{rank}/")
+    return {m["checkpoint"]: m for m in map(json.loads, found.values())}
 
 
 def incomplete_uploads(bucket: S3Bucket) -> list[dict]:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.durable import fsync_dir
 from daemon.storage.errors import StorageError
 
 RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key
@@ -57,12 +58,6 @@ def check_key(op: str, key: str, *, prefix: bool = False) -> None:
         raise StorageError(op, key, "InvalidKey", why, transient=False)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def makedirs_durable(path: Path) -> None:
