@@ -26,6 +26,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
 from watchdog.observers.polling import PollingObserver
+from daemon.complete import files_open_for_write
 
 log = structlog.get_logger()
 
@@ -136,11 +137,16 @@ class Detector:
     """Recursive watch of `root` that hands "maybe complete" hints to the event loop."""
 
     def __init__(self, root: str, loop: asyncio.AbstractEventLoop, on_path: Callable[[str, bool], None], *,
-                 mode: str = "auto", poll_interval: float = 1.0, skip_dir: SkipDir = lambda relpath: False) -> None:
+                 mode: str = "auto", poll_interval: float = 1.0, skip_dir: SkipDir = lambda relpath: False,
+                 pin: Callable[[str], object] | None = None) -> None:
         if mode not in ("auto", "inotify", "poll"):
             raise ValueError(f"mode must be auto, inotify or poll, not {mode!r}")
         self._root = os.path.abspath(root)
         self._loop, self._on_path, self._skip_dir, self._poll_interval = loop, on_path, skip_dir, poll_interval
+        # With `pin`, closed files are pinned right here on the detector's thread and on_path gets
+        # the pin as a third argument.
+        self._pin = pin
+        self._threads: set[int] = set()
         self._requested = self._mode = mode
         self._reason: str | None = None
         self._observer: BaseObserver | None = None
@@ -160,6 +166,12 @@ class Detector:
         return self._reason
 
     def start(self) -> None:
+        before = _task_ids()
+        self._start()
+        # Every thread this start created (observer, emitter, inotify reader), for thread_ids().
+        self._threads = _task_ids() - before
+
+    def _start(self) -> None:
         with self._switch:
             if self._started or self._stopped:
                 raise RuntimeError("a Detector starts once")
@@ -260,7 +272,7 @@ class Detector:
         dest = os.fsdecode(event.dest_path) if kind == EVENT_TYPE_MOVED else ""
         if event.is_directory:
             if kind == EVENT_TYPE_CREATED:  # watched by now: catch files written before the watch
-                return self._walk_new(src, closed=False)
+                return self._walk_created(src)
             if kind == EVENT_TYPE_MOVED:  # e.g. tmp-checkpoint-N renamed to checkpoint-N
                 return self._walk_new(dest, closed=True)
             return ()
@@ -274,6 +286,18 @@ class Detector:
 
     def _file(self, path: str, *, closed: bool) -> Iterable[tuple[str, bool]]:
         return () if self._ignored(os.path.dirname(path)) else ((path, closed),)
+
+    def _walk_created(self, folder: str) -> Iterable[tuple[str, bool]]:
+        """Files written into a new folder before its watch existed: their close events are lost.
+        Those no visible process holds open for writing count as closed, so they are pinned
+        now: Hugging Face writes config.json first, and rotation may delete the folder soon."""
+        writers = files_open_for_write() if self._pin else None
+        for path, _ in self._walk_new(folder, closed=False):
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            yield path, writers is not None and (st.st_dev, st.st_ino) not in writers
 
     def _walk_new(self, folder: str, *, closed: bool) -> Iterable[tuple[str, bool]]:
         return () if self._ignored(folder) else ((p, closed) for p in _walk(self._root, folder, self._skip_dir))
@@ -291,11 +315,32 @@ class Detector:
         for path, closed in hints:
             if self._stopped:  # a long walk must not hold stop() up
                 return
+            early = self._pin_now(path) if closed and self._pin else None
             try:
-                self._loop.call_soon_threadsafe(self._deliver, path, closed)
+                self._loop.call_soon_threadsafe(self._deliver, path, closed, early)
             except RuntimeError:  # the loop is closed: nobody is left to take hints
                 return
 
-    def _deliver(self, path: str, closed: bool) -> None:
-        if not self._stopped:
+    def _pin_now(self, path: str) -> object | None:
+        try:
+            return self._pin(path)
+        except OSError as e:
+            log.warning("early pin failed", path=path, error=str(e))
+            return None
+
+    def _deliver(self, path: str, closed: bool, early: object | None) -> None:
+        if self._stopped:
+            return
+        if self._pin is not None:
+            self._on_path(path, closed, early)
+        else:
             self._on_path(path, closed)
+
+    def thread_ids(self) -> set[int]:
+        """Native ids of the threads that read events and pin, which must keep normal priority
+        (threads they start later, such as a switch to polling, inherit it)."""
+        return set(self._threads)
+
+
+def _task_ids() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from daemon import diskpressure, layout, metrics, recover, views
+from daemon import diskpressure, layout, metrics, priority, recover, views
 from daemon import journal as jr
 from daemon.commit import CheckpointTracker, StoredFile
 from daemon.complete import Identity, is_marker
@@ -78,6 +78,12 @@ class Engine:
         self.recent_errors.append({"at": time.time(), "op": error.op, "key": error.key, "code": error.code,
                                    "message": error.message[:300], "transient": error.transient})  # fmt: skip
 
+    def lower_priority(self) -> dict:
+        """Lower this process's priority, except the detector's threads, which pin files that
+        rotation may delete any moment (niceness is per thread on Linux)."""
+        exempt = self.detector.thread_ids() if self.detector else set()
+        return priority.apply(self.c.nice, self.c.io_priority, self.c.cpu_affinity, exempt=exempt)
+
     def key(self, relpath: str) -> str:
         return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
 
@@ -106,7 +112,8 @@ class Engine:
         spawn(self._job_metadata("RUNNING", None), "job-metadata")
         loop = asyncio.get_running_loop()
         self.detector = Detector(self.root, loop, self.settler.notice, mode=self.c.watch_mode,
-                                 skip_dir=lambda rel: rel.split("/", 1)[0] == STATE_DIR)  # fmt: skip
+                                 skip_dir=lambda rel: rel.split("/", 1)[0] == STATE_DIR,
+                                 pin=self.settler.pin_early)  # fmt: skip
         self.detector.start()
         await self.rescan()
         log.info("watching", folder=self.root, mode=self.detector.mode, storage=self.storage.url,
@@ -296,7 +303,9 @@ class Engine:
         busy = [j.relpath for j in self.queue.jobs()]
         for task in self._tasks:
             task.cancel(reason)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=10)
+        if stuck:  # never hang the exit on a task that will not end
+            log.error("tasks did not stop", tasks=[t.get_name() for t in stuck])
         self._tasks.clear()
         if busy:
             log.warning("uploads cancelled", reason=reason, files=busy[:20], count=len(busy))

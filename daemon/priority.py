@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import platform
+from collections.abc import Collection
 from typing import Any
 
 IOPRIO_WHO_PROCESS = 1
@@ -110,7 +111,8 @@ def check_cpus(cpus: tuple[int, ...] | None, universe: set[int]) -> set[int] | N
     return set(cpus)
 
 
-def apply(nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None) -> dict[str, Any]:
+def apply(nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None,
+          exempt: Collection[int] = ()) -> dict[str, Any]:  # fmt: skip
     """Lower this process's CPU and I/O priority and pin it to CPUs, on every existing thread.
 
     Call it early, before the event loop starts worker threads (default executor, aiobotocore,
@@ -125,7 +127,7 @@ def apply(nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None) -> 
     wanted_io = encode_ioprio(io_priority)
     cpus = check_cpus(cpu_affinity, os.sched_getaffinity(0))
     warnings: list[str] = []
-    tids = _thread_ids()
+    tids = [tid for tid in _thread_ids() if tid not in exempt]  # exempt: threads that must keep up
     for tid in tids:
         _soft(warnings, f"nice of thread {tid}", _set_nice, tid, nice)
         if wanted_io is not None:

@@ -39,7 +39,9 @@ class Publisher:
         """Commit whatever is due, on every stored file and at least once a second (quiet commits)."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                # Not wait_for: on Python 3.11 it can swallow a cancel that lands as the event fires.
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

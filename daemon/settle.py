@@ -44,8 +44,17 @@ class Settler:
         self._wake = asyncio.Event()
         self._skipped_seen: set[str] = set()
 
-    def notice(self, path: str, closed: bool) -> None:
-        """A hint that `path` may be complete (called on the event loop)."""
+    def pin_early(self, path: str) -> Pin | None:
+        """Pin a just-closed file on the detector's thread, which keeps normal priority: when the
+        CPUs are busy, the event loop may get to it only after rotation has deleted it."""
+        try:
+            relpath = layout.relpath_of(self.root, path)
+        except layout.UnsafePath:
+            return None
+        return None if is_ignored(relpath, self.ignore) else pin(path, relpath, self.staging)
+
+    def notice(self, path: str, closed: bool, early: Pin | None = None) -> None:
+        """A hint that `path` may be complete (called on the event loop), maybe already pinned."""
         try:
             relpath = layout.relpath_of(self.root, path)
         except layout.UnsafePath as e:
@@ -65,9 +74,21 @@ class Settler:
             self.on_notice(relpath)
         c.closed |= closed
         c.due = now + self.settle
-        if c.closed and c.pin is None:
+        if early is not None:
+            self._adopt(c, early)
+        elif c.closed and c.pin is None:
             c.pin = pin(path, relpath, self.staging)
         self._wake.set()
+
+    @staticmethod
+    def _adopt(c: Candidate, early: Pin) -> None:
+        if c.pin is None:
+            c.pin = early
+        elif early.stage is not None and early.stage == c.pin.stage:
+            pass  # the same link, pinned twice: one owner is enough (releasing would unlink it)
+        else:
+            c.pin.release()  # a newer version, pinned at its own close
+            c.pin = early
 
     def _first_time(self, name: str) -> bool:
         """Count and log a skipped name once, not at every event and scan (bounded memory)."""
@@ -104,7 +125,8 @@ class Settler:
             self._wake.clear()
             timeout = min((c.due for c in self.candidates.values()), default=now + 3600) - now
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
+                async with asyncio.timeout(max(timeout, 0.001)):  # not wait_for: see Publisher.run
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -18,5 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# torch first and pinned: this machine serves that CPU build from local disk, while an unpinned
+# torch pulled in by transformers would be a multi-GB CUDA download.
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,frameworks]'
 exec .venv/bin/python -m pytest "$@"

@@ -68,14 +68,15 @@ async def first(awaitable: asyncio.Task, signals: Signals) -> signal.Signals | N
     return None
 
 
-async def supervise(c: Config, trainer: Trainer, signals: Signals) -> tuple[int, bool]:
+async def supervise(c: Config, trainer: Trainer, signals: Signals, engine: Engine | None) -> tuple[int, bool]:
     """Run the trainer to its end, forwarding signals; return its exit status and whether to hurry."""
     task = asyncio.create_task(trainer.run())
     started = asyncio.create_task(trainer.started.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if trainer.started.is_set():
         metrics.TRAINER_RUNNING.set(1)
-        log.info("priority lowered", **priority.apply(c.nice, c.io_priority, c.cpu_affinity))
+        lowered = engine.lower_priority() if engine else priority.apply(c.nice, c.io_priority, c.cpu_affinity)
+        log.info("priority lowered", **lowered)
     started.cancel()
     hurry = False
     while (sig := await first(task, signals)) is not None:
@@ -107,7 +108,7 @@ async def run(c: Config, argv: list[str]) -> int:
                 await engine.startup()
             trainer = Trainer(commands_of(c, argv), trainer_env(c, os.environ), c.stop_timeout)
             health.trainer_running = lambda: trainer.running
-            status, hurry = await supervise(c, trainer, signals)
+            status, hurry = await supervise(c, trainer, signals, engine)
             log.info("training finished", exit_code=status, succeeded=status == 0)
             report = await engine.shutdown(status, HURRIED_DRAIN if hurry else None) if engine else Report()
     code = final_exit(status, report.ok)

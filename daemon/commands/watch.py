@@ -13,7 +13,6 @@ import signal
 
 import structlog
 
-from daemon import priority
 from daemon.commands.common import EXIT_CONFIG, serving, storage_for
 from daemon.config import Config
 from daemon.engine import Engine
@@ -57,7 +56,10 @@ async def watch(c: Config, exit_when: str | None) -> int:
             engine = health.engine = Engine(c, storage)
             stopper = Stopper(asyncio.get_running_loop(), engine)
             waiter = asyncio.create_task(stopper.watch_file(exit_when)) if exit_when else None
-            report = await engine.run(stopper.stop)
+            await engine.startup()
+            log.info("priority lowered", **engine.lower_priority())
+            await engine.serve(stopper.stop)
+            report = await engine.shutdown()
             if waiter:
                 waiter.cancel()
     if not report.ok:
@@ -66,8 +68,6 @@ async def watch(c: Config, exit_when: str | None) -> int:
 
 
 def main(c: Config, args: argparse.Namespace) -> int:
-    applied = priority.apply(c.nice, c.io_priority, c.cpu_affinity)  # before any thread exists
-    log.info("priority lowered", **applied)
     import uvloop
 
     return uvloop.run(watch(c, args.exit_when))
