@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 env = os.environ
@@ -72,7 +71,7 @@ for step in range(1, int(env.get("TRAINER_STEPS", "0")) + 1):
 if env.get("TRAINER_WAIT") == "yes":
     Path(env["TRAINER_READY"]).touch()
     while True:
-        time.sleep(3600)  # until a signal
+        signal.pause()  # until a signal
 if env.get("TRAINER_EXIT") == "kill":
     os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(int(env.get("TRAINER_EXIT", "0")))
