@@ -131,12 +131,14 @@ class Engine:
         timeout = self.c.drain_timeout if timeout is None else timeout
         self.drain_deadline = time.monotonic() + timeout
         log.info("draining", deadline_seconds=timeout)
+        if self.detector:
+            # The writer is done (trainer exited, or the pod is stopping): the final scan is the
+            # truth from here on, and late hints would only re-open files already judged.
+            self.detector.stop()
         await self.rescan(retry_failed=True)
         while (self.settler.busy() or not self.queue.empty()) and time.monotonic() < self.drain_deadline:
             await asyncio.sleep(0.05)
         await self.publisher.commit_due(final=exit_code in (None, 0))
-        if self.detector:
-            self.detector.stop()
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
         not_stored = {j.relpath for j in self.queue.jobs()} | set(self.failed) | set(self.settler.settling())
         await self._cancel_tasks("drain finished" if not not_stored else "drain deadline passed")
@@ -166,12 +168,16 @@ class Engine:
             self.tracker.stored(StoredFile(known.relpath, known.identity.size, known.sha256, known.key, known.etag),
                                 time.monotonic())  # fmt: skip
             return
+        uploading = self.queue.uploading(pin.relpath)
+        if uploading is not None and uploading.pin.identity == pin.identity:
+            self._unpin(pin)  # this very version is on its way (noticed again, e.g. by polling)
+            return
         self.tracker.noticed(pin.relpath, time.monotonic())
         if pin.stage:
             self.journal.record("pinned", jr.Pinned(pin.relpath, pin.identity, pin.stage))
         self.failed.pop(pin.relpath, None)
         replaced = self.queue.put(Job(pin, key))
-        if replaced and replaced.pin.stage != pin.stage:
+        if replaced:
             self._unpin(replaced.pin)
 
     def _skip(self, relpath: str, reason: str) -> None:
@@ -180,9 +186,9 @@ class Engine:
             self.tracker.dropped(relpath, time.monotonic())
 
     def _unpin(self, pin: Pin) -> None:
-        if pin.stage:
-            self.journal.record("unpinned", stage=pin.stage)
-        pin.release()
+        stage = pin.stage
+        if pin.release():  # the link is gone only when no other job holds the same version
+            self.journal.record("unpinned", stage=stage)
 
     async def _worker(self, lane: str) -> None:
         while True:

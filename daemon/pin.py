@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from daemon.complete import Identity
@@ -36,16 +37,48 @@ class Pin:
             return Identity.of(os.fstat(self.fd))
         return Identity.stat(os.path.join(self.staging, self.stage)) or self.identity
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Let go; True when this removed the staging link (no other Pin holds it)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if self.stage is not None:
-            try:
-                os.unlink(os.path.join(self.staging, self.stage))
-            except FileNotFoundError:
-                pass
-            self.stage = None
+        if self.stage is None:
+            return False
+        link = os.path.join(self.staging, self.stage)
+        self.stage = None
+        if not _holders.drop(link):
+            return False
+        try:
+            os.unlink(link)
+        except FileNotFoundError:
+            pass
+        return True
+
+
+class _Holders:
+    """How many Pins share each staging link. One file version noticed twice (an event and a
+    scan, a poll) gets one link and two Pins; the link goes only when the last one lets go."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+        self._lock = threading.Lock()  # pins are taken on the detector's thread too
+
+    def add(self, link: str) -> None:
+        with self._lock:
+            self._count[link] = self._count.get(link, 0) + 1
+
+    def drop(self, link: str) -> bool:
+        """True when nobody holds the link any more."""
+        with self._lock:
+            left = self._count.get(link, 1) - 1
+            if left > 0:
+                self._count[link] = left
+                return False
+            self._count.pop(link, None)
+            return True
+
+
+_holders = _Holders()
 
 
 def pin(path: str, relpath: str, staging: str) -> Pin | None:
@@ -67,6 +100,7 @@ def pin(path: str, relpath: str, staging: str) -> Pin | None:
         stage = f"{identity.ino}-{identity.mtime_ns}-{identity.size}"
         if _link(path, os.path.join(staging, stage), identity):
             os.close(fd)
+            _holders.add(os.path.join(staging, stage))
             return Pin(relpath, identity, stage, None, staging)
         return Pin(relpath, identity, None, fd, staging)
     except BaseException:
@@ -77,7 +111,10 @@ def pin(path: str, relpath: str, staging: str) -> Pin | None:
 def adopt(relpath: str, stage: str, staging: str) -> Pin | None:
     """Take over a pin left in the staging folder by an earlier run."""
     identity = Identity.stat(os.path.join(staging, stage))
-    return Pin(relpath, identity, stage, None, staging) if identity else None
+    if identity is None:
+        return None
+    _holders.add(os.path.join(staging, stage))
+    return Pin(relpath, identity, stage, None, staging)
 
 
 def _link(path: str, target: str, identity: Identity) -> bool:

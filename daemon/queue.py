@@ -68,6 +68,9 @@ class UploadQueue:
     def queued(self, relpath: str) -> bool:
         return relpath in self._in_flight or any(relpath in lane for lane in self._lanes.values())
 
+    def uploading(self, relpath: str) -> Job | None:
+        return self._in_flight.get(relpath)
+
     def in_flight(self) -> list[str]:
         return list(self._in_flight)
 

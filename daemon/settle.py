@@ -85,7 +85,7 @@ class Settler:
         if c.pin is None:
             c.pin = early
         elif early.stage is not None and early.stage == c.pin.stage:
-            pass  # the same link, pinned twice: one owner is enough (releasing would unlink it)
+            early.release()  # the same link, pinned twice: one hold is enough
         else:
             c.pin.release()  # a newer version, pinned at its own close
             c.pin = early
