@@ -62,6 +62,7 @@ async def test_pending_retry_and_failure_metrics(tmp_path, moto_bucket):
         proxy.down()
         (tmp_path / "ckpt" / "a.bin").write_bytes(b"a" * 4000)
         (tmp_path / "ckpt" / "b.bin").write_bytes(b"b" * 6000)
+        await until(lambda: gauge("ckptd_pending_files") == 2, 30, "both files complete and pending")
         await until(lambda: counter("ckptd_upload_retries_total", reason="NetworkError") > retries, 30, "retries")
         assert gauge("ckptd_pending_files") == 2 and gauge("ckptd_pending_bytes") == 10_000
         await until(lambda: gauge("ckptd_oldest_pending_age_seconds") > 1, 30, "pending age to grow")
