@@ -15,7 +15,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon import __version__, metrics, views
+from daemon import __version__, metrics
+from daemon.upload import status as views
 
 HEARTBEAT = 0.5
 MAX_LOOP_LAG = 5.0  # seconds late before /healthz reports the loop as stuck

@@ -9,7 +9,7 @@ from engines import config, counter, s3_flags, until
 from proxy import Proxy
 
 from daemon.commands.common import storage_for
-from daemon.engine import Engine
+from daemon.upload.engine import Engine
 
 
 def gauge(name: str) -> float | None:

@@ -15,7 +15,7 @@ import structlog
 
 from daemon.config import Config
 from daemon.progress import Bar
-from daemon.restore import RestoreConflict, RestoreFailed, RestoreReport, restore
+from daemon.restore.restorer import RestoreConflict, RestoreFailed, RestoreReport, restore
 from daemon.storage import Storage, StorageError
 
 EXIT_CONFLICT, EXIT_RESTORE = 2, 3

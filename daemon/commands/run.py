@@ -18,7 +18,7 @@ from daemon import metrics, priority
 from daemon.commands.common import EXIT_CONFIG, serving, storage_for
 from daemon.commands.restore import restore_phase
 from daemon.config import Config
-from daemon.engine import Engine, Report
+from daemon.upload.engine import Engine, Report
 from daemon.supervise import FORWARDED, STOPPING, Trainer, commands_of, trainer_env
 
 EXIT_NOT_DRAINED = 4

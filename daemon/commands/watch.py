@@ -15,7 +15,7 @@ import structlog
 
 from daemon.commands.common import EXIT_CONFIG, serving, storage_for
 from daemon.config import Config
-from daemon.engine import Engine
+from daemon.upload.engine import Engine
 
 EXIT_OK, EXIT_NOT_DRAINED = 0, 4
 log = structlog.get_logger()

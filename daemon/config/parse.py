@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.storage import StorageURL
+from daemon.storage.options import StorageURL
 
 Parser = Callable[[Any], Any]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from daemon.config import parse
 from daemon.config.refs import CheckpointRef, parse_refs
-from daemon.storage import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SIGNING, SSE_MODES
+from daemon.storage.options import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SIGNING, SSE_MODES
 
 # Flag groups: each command offers the flags of the groups it uses (see cli.py).
 COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE = "common", "storage", "upload", "restore", "run", "serve"

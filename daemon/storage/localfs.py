@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.durable import fsync_dir
+from daemon.files import fsync_dir
 from daemon.storage.errors import StorageError
 
 RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key

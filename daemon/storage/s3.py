@@ -21,7 +21,7 @@ from aiobotocore.session import AioSession
 from botocore import exceptions as bx
 from botocore.loaders import Loader, create_loader
 
-from daemon.storage import S3Options
+from daemon.storage.options import S3Options
 from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError

@@ -1,0 +1,170 @@
+"""Job metadata, written by several nodes at once without losing any node's update (SPEC §4).
+
+Each rank owns one status object (`status/rank-N.json`) and only ever writes its own, so no write
+can clobber another node's; the job object (`job.json`) carries nothing per node and is written once.
+Readers combine them and derive the job's overall status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from daemon import logs
+from daemon.catalog import layout
+from daemon.catalog.manifest import json_bytes, utc_now
+from daemon.storage import Storage, StorageError
+
+RUNNING, COMPLETED, FAILED = "RUNNING", "COMPLETED", "FAILED"
+SYNCING = "SYNCING"
+STATUSES = (RUNNING, COMPLETED, FAILED)
+SYNC_STATUSES = (SYNCING, COMPLETED)
+_STATUS_NAME = re.compile(r"rank-(0|[1-9][0-9]*)\.json")
+
+
+class JobNotFound(LookupError):
+    def __init__(self, project: str, job_id: str) -> None:
+        super().__init__(f"no metadata for job {job_id!r} in project {project!r}")
+
+
+async def ensure_job(storage: Storage, project: str, job_id: str, group_size: int,
+                     created_at: datetime | str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write job.json unless it exists; return what is stored (the first writer's created_at wins).
+
+    Read-then-put is not atomic, and needs not be: two nodes racing here write the same project,
+    job and group size and creation times a moment apart, and neither carries per-node state, so
+    whichever lands last loses nothing.
+    """
+    key = layout.job_metadata_key(project, job_id)
+    existing = await _read_json(storage, key)
+    if existing is not None:
+        return existing
+    if isinstance(created_at, datetime):
+        created_at = created_at.astimezone(UTC).isoformat()
+    job = {"project": project, "job_id": job_id, "created_at": created_at or utc_now(), "group_size": group_size}
+    await storage.put(key, json_bytes(job))
+    return job
+
+
+def rank_status(rank: int, *, status: str, sync_status: str = SYNCING, exit_code: int | None = None,
+                hostname: str | None = None, last_commit: dict[str, Any] | None = None,
+                uncommitted: Iterable[str] = (), pending_files: int = 0, failed_files: int = 0,
+                updated_at: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One rank's status object; ValueError for a status outside the contract's values.
+
+    `last_commit`: {checkpoint, step, committed_at} of the rank's latest manifest, or None.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r}: expected one of {', '.join(STATUSES)}")
+    if sync_status not in SYNC_STATUSES:
+        raise ValueError(f"sync_status {sync_status!r}: expected one of {', '.join(SYNC_STATUSES)}")
+    if last_commit is not None:
+        last_commit = {k: last_commit.get(k) for k in ("checkpoint", "step", "committed_at")}
+    return {
+        "rank": rank,
+        "status": status,
+        "sync_status": sync_status,
+        "exit_code": exit_code,
+        "hostname": hostname or socket.gethostname(),
+        "updated_at": updated_at or utc_now(),
+        "last_commit": last_commit,
+        "uncommitted": sorted(uncommitted),
+        "pending_files": pending_files,
+        "failed_files": failed_files,
+    }
+
+
+async def write_rank_status(storage: Storage, project: str, job_id: str, rank: int, **fields: Any) -> dict[str, Any]:
+    """Replace this rank's status object with a complete one (see `rank_status` for the fields).
+
+    A node holds its whole state, so it writes the whole object: no read-modify-write, nothing to
+    merge. Writes from one node must be serialised by the caller, or an older one may land last.
+    """
+    status = rank_status(rank, **fields)
+    await storage.put(layout.rank_status_key(project, job_id, rank), json_bytes(status))
+    return status
+
+
+def derive_status(statuses: Sequence[dict[str, Any]], group_size: int | None) -> tuple[str, str]:
+    """The job's (current_status, checkpoint_sync_status) from its ranks' status objects.
+
+    "all" means every reporting rank, and at least `group_size` of them (at least one when the
+    group size is unknown): a rank that never reported is still starting, not done.
+
+    | any FAILED | all status COMPLETED | all sync COMPLETED | current_status | checkpoint_sync_status |
+    |------------|----------------------|--------------------|----------------|------------------------|
+    | yes        | any                  | no                 | FAILED         | SYNCING                |
+    | yes        | any                  | yes                | FAILED         | COMPLETED              |
+    | no         | yes                  | yes                | COMPLETED      | COMPLETED              |
+    | no         | yes                  | no                 | COMPLETED      | SYNCING                |
+    | no         | no                   | yes                | RUNNING        | COMPLETED              |
+    | no         | no                   | no                 | RUNNING        | SYNCING                |
+    """
+    everyone = len(statuses) >= max(group_size or 1, 1)
+    if any(s["status"] == FAILED for s in statuses):
+        current = FAILED
+    elif everyone and all(s["status"] == COMPLETED for s in statuses):
+        current = COMPLETED
+    else:
+        current = RUNNING
+    synced = everyone and all(s["sync_status"] == COMPLETED for s in statuses)
+    return current, COMPLETED if synced else SYNCING
+
+
+async def read_job(storage: Storage, project: str, job_id: str) -> dict[str, Any]:
+    """job.json combined with every rank's status; JobNotFound when there is neither."""
+    prefix = layout.job_prefix(project, job_id) + "status/"
+    keys = {info.key: int(m.group(1)) async for info in storage.list(prefix)
+            if (m := _STATUS_NAME.fullmatch(info.key[len(prefix) :]))}  # fmt: skip
+    job, *found = await asyncio.gather(
+        _read_json(storage, layout.job_metadata_key(project, job_id)), *(_read_json(storage, k) for k in keys)
+    )
+    checked = (s for (key, rank), s in zip(keys.items(), found, strict=True) if _valid_status(key, rank, s))
+    ranks = sorted(checked, key=lambda s: s["rank"])
+    if job is None and not ranks:
+        raise JobNotFound(project, job_id)
+    job = job or {}
+    group_size = job.get("group_size") if isinstance(job.get("group_size"), int) else None
+    current, synced = derive_status(ranks, group_size)
+    return {
+        "project": project,
+        "job_id": job_id,
+        "created_at": job.get("created_at"),
+        "group_size": group_size,
+        "current_status": current,
+        "checkpoint_sync_status": synced,
+        "updated_at": max((s["updated_at"] for s in ranks if isinstance(s.get("updated_at"), str)), default=None),
+        "ranks": ranks,
+    }
+
+
+def _valid_status(key: str, rank: int, status: dict[str, Any] | None) -> bool:
+    if status is None:
+        return False
+    ok = status.get("rank") == rank and status.get("status") in STATUSES and status.get("sync_status") in SYNC_STATUSES
+    if not ok:
+        logs.get(__name__).warning("skipping malformed rank status", key=key)
+    return ok
+
+
+async def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    """The JSON object at `key`; None when it is missing or damaged (logged)."""
+    try:
+        data = await storage.get(key)
+    except StorageError as exc:
+        if exc.code in ("NoSuchKey", "NotFound"):
+            return None
+        raise
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        obj = exc
+    if not isinstance(obj, dict):
+        logs.get(__name__).warning("skipping unreadable job metadata", key=key, error=str(obj)[:200])
+        return None
+    return obj

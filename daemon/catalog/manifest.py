@@ -1,0 +1,245 @@
+"""Commit manifests: one JSON object per committed checkpoint (SPEC §4), and finding the latest.
+
+A manifest lists every file of the checkpoint with size, full-file SHA-256, key and etag, the
+commit time, the step and the evaluation metrics. Restore verifies downloads against it and only
+ever restores a checkpoint that has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from daemon import logs
+from daemon.catalog import layout
+from daemon.upload.commit import StoredFile
+from daemon.storage import Storage, StorageError
+
+FORMAT = 1
+_READ_CONCURRENCY = 16
+
+# Step from checkpoint names, first pattern that matches wins. `step` may appear anywhere as a
+# token (Lightning's `epoch=2-step=300`, DeepSpeed's `global_step100`); the others name the folder.
+_STEP_PATTERNS = [  # (pattern, whole name only)
+    (re.compile(r"(?:^|[^a-z])(?:global_)?step[-_=]?(\d+)", re.IGNORECASE), False),
+    (re.compile(r"(?:checkpoint|ckpt)[-_]?(\d+)", re.IGNORECASE), True),
+    (re.compile(r"iter_(\d+)"), True),  # Megatron-LM
+]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_FIELDS = {"path": str, "size": int, "sha256": str, "key": str, "etag": str}
+_FIELDS = {"project": str, "job_id": str, "rank": int, "checkpoint": str, "committed_at": str, "reason": str,
+           "total_bytes": int, "file_count": int, "files": list, "metrics": dict}  # fmt: skip
+
+
+def utc_now() -> str:
+    """The one timestamp format of stored metadata: ISO 8601, UTC, '+00:00'."""
+    return datetime.now(UTC).isoformat()
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Stable JSON for the store: sorted keys, UTF-8, no NaN (other tools reject it)."""
+    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode()
+
+
+def parse_step(checkpoint: str) -> int | None:
+    """The training step in a checkpoint's name, or None (see the table-driven test)."""
+    for pattern, full in _STEP_PATTERNS:
+        match = pattern.fullmatch(checkpoint) if full else pattern.search(checkpoint)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON-safe number or string, else None: NaN/inf become None, lists and objects are dropped."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if isinstance(value, int | float | str) else None
+
+
+def metrics_from_trainer_state(data: bytes) -> dict[str, Any]:
+    """Metrics from a Hugging Face `trainer_state.json`; {} for anything unreadable, never raises.
+
+    The summary fields when present, plus the latest `loss` and `eval_*` values of `log_history`.
+    """
+    try:
+        state = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(state, dict):
+        return {}
+    metrics = {k: _scalar(state[k]) for k in ("global_step", "epoch", "best_metric", "best_model_checkpoint")
+               if k in state}  # fmt: skip
+    history = state.get("log_history")
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict):
+            metrics.update({k: _scalar(v) for k, v in entry.items()
+                            if isinstance(k, str) and (k == "loss" or k.startswith("eval_"))})  # fmt: skip
+    return metrics
+
+
+def build_manifest(project: str, job_id: str, rank: int, checkpoint: str, files: list[StoredFile], reason: str,
+                   metrics: dict[str, Any], *, committed_at: datetime | None = None) -> dict[str, Any]:  # fmt: skip
+    """The manifest of one committed checkpoint. Files must all belong to it, each path once."""
+    entries = sorted(files, key=lambda f: f.relpath)
+    for f in entries:
+        if f.checkpoint != checkpoint:
+            raise ValueError(f"{f.relpath!r} is not in checkpoint {checkpoint!r}")
+    if len({f.relpath for f in entries}) != len(entries):
+        raise ValueError(f"checkpoint {checkpoint!r}: a file is listed twice")
+    step = parse_step(checkpoint)
+    if step is None and _is(metrics.get("global_step"), int):
+        step = metrics["global_step"]  # e.g. a `best/` folder: the trainer's state says which step
+    return {
+        "format": FORMAT,
+        "project": project,
+        "job_id": job_id,
+        "rank": rank,
+        "checkpoint": checkpoint,
+        "step": step,
+        "committed_at": (committed_at or datetime.now(UTC)).astimezone(UTC).isoformat(),
+        "reason": reason,
+        "total_bytes": sum(f.size for f in entries),
+        "file_count": len(entries),
+        "files": [
+            {"path": f.relpath, "size": f.size, "sha256": f.sha256, "key": f.key, "etag": f.etag} for f in entries
+        ],
+        "metrics": {str(k): _scalar(v) for k, v in metrics.items()},
+    }
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json_bytes(manifest)
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"bad manifest: {what}")
+
+
+def _is(value: Any, typ: type) -> bool:
+    return isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+
+
+def _check_file(i: int, entry: Any, checkpoint: str) -> None:
+    _check(isinstance(entry, dict), f"files[{i}] is not an object")
+    for name, typ in _FILE_FIELDS.items():
+        _check(_is(entry.get(name), typ), f"files[{i}].{name} missing or not {typ.__name__}")
+    _check(entry["size"] >= 0, f"files[{i}].size is negative")
+    _check(bool(_SHA256.fullmatch(entry["sha256"])), f"files[{i}].sha256 is not 64 lowercase hex digits")
+    layout.check_relpath(entry["path"])  # UnsafePath is a ValueError: restore must never escape
+    _check(layout.checkpoint_of(entry["path"]) == checkpoint, f"files[{i}].path is outside {checkpoint!r}")
+
+
+def parse_manifest(data: bytes) -> dict[str, Any]:
+    """Parse and validate a stored manifest; ValueError saying what is wrong with a bad one."""
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"bad manifest: not JSON ({exc})") from None
+    _check(isinstance(manifest, dict), "not a JSON object")
+    _check(manifest.get("format") == FORMAT, f"unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    for name, typ in _FIELDS.items():
+        _check(_is(manifest.get(name), typ), f"{name} missing or not {typ.__name__}")
+    _check(manifest.get("step") is None or _is(manifest["step"], int), "step is not an integer or null")
+    _check(manifest["rank"] >= 0, "rank is negative")
+    checkpoint = manifest["checkpoint"]
+    _check("/" not in checkpoint, f"checkpoint {checkpoint!r} is not a top-level folder name")
+    _key_of(manifest)  # refuses '..' and the like (UnsafePath is a ValueError)
+    try:
+        stamp = datetime.fromisoformat(manifest["committed_at"])
+    except ValueError:
+        stamp = None
+    _check(stamp is not None and stamp.tzinfo is not None, "committed_at is not an ISO 8601 time with zone")
+    for i, entry in enumerate(manifest["files"]):
+        _check_file(i, entry, manifest["checkpoint"])
+    _check(manifest["file_count"] == len(manifest["files"]), "file_count does not match files")
+    _check(manifest["total_bytes"] == sum(f["size"] for f in manifest["files"]), "total_bytes does not match files")
+    return manifest
+
+
+def _missing(exc: StorageError) -> bool:
+    return exc.code in ("NoSuchKey", "NotFound")
+
+
+def _key_of(manifest: dict[str, Any]) -> str:
+    return layout.manifest_key(manifest["project"], manifest["job_id"], manifest["rank"], manifest["checkpoint"])
+
+
+async def write_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
+    """Store the manifest at its key and return the key.
+
+    An existing manifest listing the very same files is kept as it is: re-committing unchanged
+    files (a daemon restart re-reporting them) must not move that checkpoint's commit time, which
+    decides what "latest" is.
+    """
+    key = _key_of(manifest)
+    try:
+        old = parse_manifest(await storage.get(key))
+    except ValueError:
+        old = None  # a damaged manifest is simply replaced
+    except StorageError as exc:
+        if not _missing(exc):
+            raise
+        old = None
+    if old is not None and old["files"] == manifest["files"]:
+        return key
+    await storage.put(key, manifest_bytes(manifest))
+    return key
+
+
+async def _read_one(storage: Storage, key: str, limit: asyncio.Semaphore) -> dict[str, Any] | None:
+    log = logs.get(__name__, key=key)
+    async with limit:
+        try:
+            manifest = parse_manifest(await storage.get(key))
+        except StorageError as exc:
+            if not _missing(exc):  # a transient failure must not silently make "latest" older
+                raise
+            log.info("manifest vanished while listing", error=str(exc))
+            return None
+        except ValueError as exc:
+            log.warning("skipping unreadable manifest", error=str(exc))
+            return None
+    if _key_of(manifest) != key:
+        log.warning("skipping manifest stored under another checkpoint's key", checkpoint=manifest["checkpoint"])
+        return None
+    return manifest
+
+
+async def read_manifests(storage: Storage, project: str, job_id: str, rank: int) -> list[dict[str, Any]]:
+    """Every readable manifest of one rank of a job, in key order. Unreadable ones are logged and skipped."""
+    prefix = layout.manifest_prefix(project, job_id, rank)
+    keys = [info.key async for info in storage.list(prefix) if info.key.endswith(".json")]
+    limit = asyncio.Semaphore(_READ_CONCURRENCY)
+    found = await asyncio.gather(*(_read_one(storage, key, limit) for key in keys))
+    return [m for m in found if m is not None]
+
+
+def recency(manifest: dict[str, Any]) -> tuple[bool, int, datetime]:
+    """Sort key for "latest": the highest step wins, then the later commit.
+
+    | a                         | b                          | latest | why                              |
+    |---------------------------|----------------------------|--------|----------------------------------|
+    | checkpoint-3, at 10:00:01 | checkpoint-2, at 10:00:02  | a      | parallel uploads commit out of order |
+    | step-30, at 10:00         | step-9, at 10:00           | a      | same time: higher step           |
+    | checkpoint-1, at 09:00    | ".", at 10:00 (no step)    | a      | a named step beats a folder-less save |
+    | final, at 10:00 (no step) | best, at 09:00 (no step)   | a      | no steps: the later commit       |
+
+    SPEC §4 says "most recently committed"; taken literally, two checkpoints saved moments apart
+    would make "latest" depend on which upload finished first.
+    """
+    step = manifest["step"]
+    return step is not None, -1 if step is None else step, datetime.fromisoformat(manifest["committed_at"])
+
+
+async def latest_manifest(storage: Storage, project: str, job_id: str, rank: int) -> dict[str, Any] | None:
+    """The latest committed checkpoint of one rank (see `recency`), or None."""
+    manifests = await read_manifests(storage, project, job_id, rank)
+    return max(manifests, key=recency, default=None)

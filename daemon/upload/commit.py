@@ -1,0 +1,241 @@
+"""When is a checkpoint committed? Pure state and rules, no I/O, no clocks (SPEC §4).
+
+A checkpoint is a top-level folder of the checkpoint folder ('.' for files at the top). It is
+committed when every file in it is stored and, for writers that use one, its completion marker was
+seen; a writer without a marker commits once quiet for a while or when the trainer exits
+successfully. Times are `time.monotonic()` floats passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.catalog.layout import ROOT_CHECKPOINT, checkpoint_of
+
+# trainer_state.json: written last into Hugging Face `checkpoint-N/`; .metadata: renamed into place
+# last by PyTorch DCP.
+DEFAULT_MARKERS: tuple[str, ...] = ("trainer_state.json", ".metadata")
+DEFAULT_QUIET_LIMIT = 60.0  # seconds; the settings' default for upload.quiet_commit
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file durably stored, as its manifest entry will list it."""
+
+    relpath: str
+    size: int
+    sha256: str
+    key: str
+    etag: str
+
+    @property
+    def checkpoint(self) -> str:
+        return checkpoint_of(self.relpath)
+
+
+def _basename(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def expects_marker(names: Iterable[str], *, top_level: bool = False) -> bool:
+    """Whether the writer of a checkpoint holding these files writes a completion marker last.
+
+    | any training_args.bin | any *.distcp | top_level | result |
+    |-----------------------|--------------|-----------|--------|
+    | no                    | no           | any       | False  |
+    | yes                   | no           | False     | True   |
+    | yes                   | no           | True      | False  |
+    | any                   | yes          | any       | True   |
+
+    `training_args.bin`: the Hugging Face Trainer writes it before `trainer_state.json`. At the top
+    of the checkpoint folder it comes from `trainer.save_model()`, which writes no
+    `trainer_state.json`, so there it predicts no marker (else the final model would never commit).
+    `*.distcp`: PyTorch DCP shards; `.metadata` is renamed into place after them.
+    Names may be bare file names or relative paths.
+    """
+    hf = dcp = False
+    for name in names:
+        base = _basename(name)
+        hf = hf or base == "training_args.bin"
+        dcp = dcp or base.endswith(".distcp")
+    return dcp or (hf and not top_level)
+
+
+def should_commit(
+    *, pending: int, marker_seen: bool, marker_expected: bool, quiet_for: float, quiet_limit: float, final: bool
+) -> str | None:
+    """The reason to commit a checkpoint now ("marker", "quiet", "final"), or None to wait.
+
+    | pending | marker_seen | marker_expected | quiet_for >= quiet_limit | final | result   |
+    |---------|-------------|-----------------|--------------------------|-------|----------|
+    | > 0     | any         | any             | any                      | any   | None     |
+    | 0       | yes         | any             | any                      | any   | "marker" |
+    | 0       | no          | yes             | any                      | any   | None     |
+    | 0       | no          | no              | yes                      | any   | "quiet"  |
+    | 0       | no          | no              | no                       | yes   | "final"  |
+    | 0       | no          | no              | no                       | no    | None     |
+
+    A missing expected marker means an interrupted save: its files stay stored but it is never
+    committed, so it is never restored as "latest" (transformers #35782), not even at a clean exit.
+    """
+    if pending > 0:
+        return None
+    if marker_seen:
+        return "marker"
+    if marker_expected:
+        return None
+    if quiet_for >= quiet_limit:
+        return "quiet"
+    return "final" if final else None
+
+
+@dataclass(frozen=True)
+class LastCommit:
+    checkpoint: str
+    reason: str
+    at: float  # monotonic
+
+
+@dataclass
+class _Checkpoint:
+    last_activity: float
+    pending: set[str] = field(default_factory=set)
+    stored: dict[str, StoredFile] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    committed: bool = False
+    # What due() offered: committed() only counts if the checkpoint is still exactly that.
+    offered: tuple[Mapping[str, StoredFile], str] | None = None
+    # What the last written manifest lists: a file noticed again but found unchanged commits nothing new.
+    manifest_files: Mapping[str, StoredFile] | None = None
+
+
+class CheckpointTracker:
+    """Per-checkpoint bookkeeping for the upload engine; decisions come from `should_commit`.
+
+    Protocol: `noticed` when a file appears or changes (before it is complete), then `stored` once
+    that version is durably stored, or `dropped` if it vanished first. `due` says what to commit;
+    the caller writes the manifest from `files(cp)` and `metrics(cp)` and then calls `committed`.
+    """
+
+    def __init__(self, markers: tuple[str, ...] = DEFAULT_MARKERS, quiet_limit: float = DEFAULT_QUIET_LIMIT) -> None:
+        self.markers = tuple(markers)
+        self.quiet_limit = quiet_limit
+        self.last_commit: LastCommit | None = None
+        self._checkpoints: dict[str, _Checkpoint] = {}
+
+    def _state(self, checkpoint: str) -> _Checkpoint:
+        state = self._checkpoints.get(checkpoint)
+        if state is None:
+            state = self._checkpoints[checkpoint] = _Checkpoint(last_activity=float("-inf"))
+        return state
+
+    def _touch(self, checkpoint: str, now: float) -> _Checkpoint:
+        state = self._state(checkpoint)
+        state.last_activity = max(state.last_activity, now)
+        return state
+
+    def noticed(self, relpath: str, now: float) -> None:
+        state = self._touch(checkpoint_of(relpath), now)
+        state.pending.add(relpath)
+        # SPEC §4: a file changed after commit is uploaded again and the manifest rewritten.
+        state.committed = False
+
+    def stored(self, file: StoredFile, now: float) -> None:
+        state = self._touch(file.checkpoint, now)
+        state.pending.discard(file.relpath)
+        state.stored[file.relpath] = file
+        state.committed = False
+
+    def dropped(self, relpath: str, now: float) -> None:
+        # An older stored version, if any, stays listed: it is what the store still holds.
+        state = self._touch(checkpoint_of(relpath), now)
+        state.pending.discard(relpath)
+
+    def set_metrics(self, checkpoint: str, metrics: dict[str, Any]) -> None:
+        # May come before the marker's stored(): the engine parses the marker while it is pinned.
+        self._state(checkpoint).metrics = dict(metrics)
+
+    def files(self, checkpoint: str) -> list[StoredFile]:
+        state = self._checkpoints.get(checkpoint)
+        return sorted(state.stored.values(), key=lambda f: f.relpath) if state else []
+
+    def metrics(self, checkpoint: str) -> dict[str, Any]:
+        state = self._checkpoints.get(checkpoint)
+        return dict(state.metrics) if state else {}
+
+    def marker_seen(self, checkpoint: str) -> bool:
+        # Once stored, a marker stays seen: a file found late by a rescan, or changed afterwards,
+        # belongs to the same save, and demanding a fresh marker would block its commit forever.
+        state = self._checkpoints.get(checkpoint)
+        return bool(state) and any(self._is_marker(relpath) for relpath in state.stored)
+
+    def _is_marker(self, relpath: str) -> bool:
+        return any(fnmatch.fnmatchcase(_basename(relpath), glob) for glob in self.markers)
+
+    def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
+        if not state.committed and not state.pending and state.stored == state.manifest_files:
+            state.committed = True  # noticed again, found unchanged: the manifest still holds
+        if state.committed or not state.stored:
+            return None
+        names = [*state.stored, *state.pending]
+        return should_commit(
+            pending=len(state.pending),
+            marker_seen=self.marker_seen(checkpoint),
+            marker_expected=expects_marker(names, top_level=checkpoint == ROOT_CHECKPOINT),
+            quiet_for=now - state.last_activity,
+            quiet_limit=self.quiet_limit,
+            final=final,
+        )
+
+    def due(self, now: float, final: bool = False) -> list[tuple[str, str]]:
+        """(checkpoint, reason) for every checkpoint ready to commit now, in name order.
+
+        `final`: the trainer exited successfully or the daemon drains. A checkpoint stays due
+        until `committed`, so a failed manifest write is simply retried on the next call.
+        """
+        ready = []
+        for checkpoint in sorted(self._checkpoints):
+            state = self._checkpoints[checkpoint]
+            reason = self._reason(checkpoint, state, now, final)
+            if reason is not None:
+                state.offered = (dict(state.stored), reason)
+                ready.append((checkpoint, reason))
+        return ready
+
+    def committed(self, checkpoint: str, now: float) -> bool:
+        """Record that the manifest offered by `due` is written. False (and still uncommitted)
+        when a file was noticed or stored meanwhile: the manifest is stale and will come due again.
+        """
+        state = self._checkpoints.get(checkpoint)
+        if state is None or state.offered is None:
+            return False
+        files, reason = state.offered
+        state.offered = None
+        if state.pending or files != state.stored:
+            return False
+        state.committed = True
+        state.manifest_files = dict(files)
+        self.last_commit = LastCommit(checkpoint, reason, now)
+        return True
+
+    def already_committed(self, checkpoint: str) -> None:
+        """Recovery: a manifest in the store already covers exactly the stored files."""
+        state = self._state(checkpoint)
+        state.committed = not state.pending
+        state.manifest_files = dict(state.stored)
+
+    def is_committed(self, checkpoint: str) -> bool:
+        state = self._checkpoints.get(checkpoint)
+        return bool(state) and state.committed
+
+    def uncommitted(self) -> list[str]:
+        """Checkpoints holding files (stored or pending) that no written manifest covers."""
+        return sorted(
+            cp for cp, state in self._checkpoints.items() if not state.committed and (state.stored or state.pending)
+        )
+
+    def pending_count(self) -> int:
+        return sum(len(state.pending) for state in self._checkpoints.values())

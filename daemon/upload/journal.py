@@ -1,0 +1,145 @@
+"""The durable record of what this rank has pinned, is uploading, and has stored.
+
+An append-only JSON-lines file: one line per fact, written through at once, fsynced in groups, replayed at start,
+rewritten compactly (temp name, fsync, rename) at start and at clean shutdown. A torn last line
+from a crash is ignored. Losing the newest lines only costs a repeated upload, never a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from daemon.files import fsync_dir
+from daemon.upload.complete import Identity
+
+
+@dataclass(frozen=True)
+class Stored:
+    relpath: str
+    identity: Identity
+    sha256: str
+    key: str
+    etag: str
+
+
+@dataclass(frozen=True)
+class Multipart:
+    """An upload in progress: resumable after a crash if the file is unchanged."""
+
+    relpath: str
+    identity: Identity
+    key: str
+    upload_id: str
+    part_size: int
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A hard link in the staging folder holding a completed file's content."""
+
+    relpath: str
+    identity: Identity
+    stage: str  # file name inside the staging folder
+
+
+@dataclass
+class State:
+    stored: dict[str, Stored] = field(default_factory=dict)
+    multipart: dict[str, Multipart] = field(default_factory=dict)
+    pinned: dict[str, Pinned] = field(default_factory=dict)  # by stage name
+
+    def apply(self, record: dict) -> None:
+        op = record.pop("op")
+        if op in ("stored", "multipart", "pinned"):
+            record["identity"] = Identity(**record["identity"])
+        if op == "stored":
+            self.stored[record["relpath"]] = Stored(**record)
+        elif op == "multipart":
+            self.multipart[record["relpath"]] = Multipart(**record)
+        elif op == "multipart_done":
+            self.multipart.pop(record["relpath"], None)
+        elif op == "pinned":
+            self.pinned[record["stage"]] = Pinned(**record)
+        elif op == "unpinned":
+            self.pinned.pop(record["stage"], None)
+
+    def records(self) -> list[dict]:
+        out = [{"op": "stored", **asdict(s)} for s in self.stored.values()]
+        out += [{"op": "multipart", **asdict(m)} for m in self.multipart.values()]
+        out += [{"op": "pinned", **asdict(p)} for p in self.pinned.values()]
+        return out
+
+
+class Journal:
+    """Blocking file I/O: call from a worker thread, or accept a few microseconds per record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.state = State()
+        self._file = None
+        self._unsynced = 0
+
+    def open(self) -> State:
+        """Replay the journal, compact it, and open it for appending."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        self.state.apply(json.loads(line))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn line from a crash, or a record of a future version
+        except FileNotFoundError:
+            pass
+        self.compact()
+        return self.state
+
+    def compact(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in self.state.records():
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(os.path.dirname(self.path))
+        if self._file:
+            self._file.close()
+        # Line-buffered: each record reaches the OS at once, so a killed process loses nothing;
+        # only fsync (surviving a machine crash) is batched.
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the journal
+
+    def record(self, op: str, value: object | None = None, **fields: object) -> None:
+        record = {"op": op, **(asdict(value) if value is not None else {}), **fields}
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.state.apply(dict(record))
+        self._unsynced += 1
+
+    def flush(self) -> int | None:
+        """Hand buffered records to the OS; return the descriptor to fsync, or None if none are new.
+
+        For callers on an event loop: flush here, fsync the descriptor in a thread.
+        """
+        if not self._file or not self._unsynced:
+            return None
+        self._file.flush()
+        self._unsynced = 0
+        return self._file.fileno()
+
+    def sync(self) -> None:
+        """Make every record so far durable (group commit: one fsync for many records)."""
+        if self._file and self._unsynced:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._unsynced = 0
+
+    def close(self) -> None:
+        if self._file:
+            self.sync()
+            self.compact()
+            self._file.close()
+            self._file = None
+
+

@@ -1,0 +1,173 @@
+"""Upload one pinned file: a single PUT below the multipart threshold, parallel parts above it.
+
+Parts are streamed from the file with positional reads (no whole-part copies), the manifest's
+full-file SHA-256 is computed in one sequential pass in a worker thread while parts fly, pages
+are dropped from the page cache behind us, and the file's identity is checked after reading so
+a torn mix of two versions is never recorded as stored. A failed multipart upload is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.upload import journal as jr
+from daemon.upload.complete import Identity
+from daemon.upload.pin import Pin
+from daemon.storage.retry import retrying
+from daemon.storage import FileRange, Part, Storage, StorageError
+from daemon.upload.throttle import Throttle
+
+MiB = 1 << 20
+DEFAULT_PART = 16 * MiB
+MIN_PART = 5 * MiB  # S3's minimum for every part but the last
+MAX_PARTS = 10_000
+HASH_CHUNK = 4 * MiB
+log = structlog.get_logger()
+
+
+def part_size_for(size: int, configured: int | None = None) -> int:
+    """Part size for a file: the configured or default size, grown so no file needs > 10,000 parts.
+
+    | size     | configured | part                                  |
+    |----------|------------|---------------------------------------|
+    | 100 MiB  | None       | 16 MiB                                |
+    | 100 MiB  | 64 MiB     | 64 MiB                                |
+    | 1 TiB    | None       | 105 MiB (1 TiB / 10,000, rounded up to whole MiB) |
+    | 1 TiB    | 8 MiB      | 105 MiB                               |
+    """
+    needed = -(-size // MAX_PARTS)
+    needed = -(-needed // MiB) * MiB
+    return max(configured or DEFAULT_PART, needed, MIN_PART)
+
+
+class Changed(Exception):
+    """The file changed while it was read: the upload is void, the new version comes next."""
+
+
+@dataclass
+class Transfer:
+    storage: Storage
+    journal: jr.Journal
+    parts: asyncio.Semaphore  # bounds parts in flight across all files, and so memory
+    throttle: Throttle
+    threshold: int
+    part_size: int | None
+    deadline: Callable[[], float | None]
+    observe: Callable[[StorageError | None], None] | None = None
+
+    async def upload(self, pin: Pin, key: str) -> jr.Stored:
+        fd = pin.open()
+        try:
+            if pin.identity.size < self.threshold:
+                return await self._single(pin, key, fd)
+            return await self._multipart(pin, key, fd)
+        finally:
+            _drop_cache(fd, 0, 0)
+            os.close(fd)
+
+    async def _single(self, pin: Pin, key: str, fd: int) -> jr.Stored:
+        size = pin.identity.size
+        sha = await asyncio.to_thread(_sha256, fd, size)
+        self.throttle.debit(size)
+        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline, observe=self.observe,
+                              context={"path": pin.relpath})  # fmt: skip
+        _check_unchanged(fd, pin)
+        return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
+
+    async def _multipart(self, pin: Pin, key: str, fd: int) -> jr.Stored:
+        size = pin.identity.size
+        upload_id, done = await self._start_or_resume(pin, key)
+        part_size = self.journal.state.multipart[pin.relpath].part_size
+        count = -(-size // part_size)
+        hashing = asyncio.create_task(asyncio.to_thread(_sha256, fd, size))
+        try:
+            todo = [n for n in range(1, count + 1) if n not in done]
+            sent = await asyncio.gather(*(self._part(fd, key, upload_id, n, part_size, size, pin) for n in todo))
+            parts = sorted([*done.values(), *sent], key=lambda p: p.number)
+            sha = await hashing
+            _check_unchanged(fd, pin)
+            etag = await retrying(lambda: self.storage.complete_multipart(key, upload_id, parts),
+                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath})  # fmt: skip
+        except BaseException as e:
+            hashing.cancel()
+            await self._abort(key, upload_id, pin, e)
+            raise
+        self.journal.record("multipart_done", relpath=pin.relpath)
+        return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
+
+    async def _start_or_resume(self, pin: Pin, key: str) -> tuple[str, dict[int, Part]]:
+        """Reuse the parts of an upload a crashed run left, if it was of this very file version."""
+        earlier = self.journal.state.multipart.get(pin.relpath)
+        if earlier and earlier.identity == pin.identity and earlier.key == key:
+            try:
+                listed = await self.storage.list_parts(key, earlier.upload_id)
+            except StorageError as e:
+                log.info("multipart upload not resumable", path=pin.relpath, code=e.code)
+            else:
+                full = {p.number: p for p in listed if p.size == min(earlier.part_size, pin.identity.size -
+                                                                      (p.number - 1) * earlier.part_size)}
+                log.info("multipart upload resumed", path=pin.relpath, key=key, parts_reused=len(full))
+                return earlier.upload_id, full
+        if earlier:
+            await self._abort(earlier.key, earlier.upload_id, pin, None)
+        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline, observe=self.observe,
+                                   context={"path": pin.relpath})  # fmt: skip
+        part_size = part_size_for(pin.identity.size, self.part_size)
+        self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
+        self.journal.sync()  # a crash from here on must find this upload to resume or abort it
+        return upload_id, {}
+
+    async def _part(self, fd: int, key: str, upload_id: str, number: int, part_size: int, size: int,
+                    pin: Pin) -> Part:  # fmt: skip
+        offset = (number - 1) * part_size
+        body = FileRange(fd, offset, min(part_size, size - offset))
+        async with self.parts:
+            await self.throttle.take(body.size)
+            part = await retrying(lambda: self.storage.upload_part(key, upload_id, number, body),
+                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath, "part": number})  # fmt: skip
+        _drop_cache(fd, offset, body.size)
+        return part
+
+    async def _abort(self, key: str, upload_id: str, pin: Pin, cause: BaseException | None) -> None:
+        try:
+            # Shielded: an abort interrupted by the same cancellation would leave the parts behind.
+            await asyncio.shield(asyncio.wait_for(self.storage.abort_multipart(key, upload_id), 30))
+        except (StorageError, TimeoutError) as e:
+            # The journal keeps the upload: the next start aborts or resumes it.
+            log.warning("multipart abort failed", path=pin.relpath, key=key, code=getattr(e, "code", "Timeout"))
+            return
+        self.journal.record("multipart_done", relpath=pin.relpath)
+        if cause is not None and not isinstance(cause, asyncio.CancelledError | Changed):
+            log.info("multipart upload aborted", path=pin.relpath, key=key, cause=type(cause).__name__)
+
+
+def _sha256(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(HASH_CHUNK, size - offset), offset)
+        if not chunk:
+            raise Changed(f"file shrank while hashing at {offset} of {size} bytes")
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def _check_unchanged(fd: int, pin: Pin) -> None:
+    now = Identity.of(os.fstat(fd))
+    if now != pin.identity:
+        raise Changed(f"{pin.relpath} changed while uploading")
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Checkpoint bytes are read once: keep them from evicting the trainer's page cache."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass

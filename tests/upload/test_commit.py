@@ -1,0 +1,188 @@
+"""Commit rules (SPEC §4): the pure decisions, and the tracker driven through real writers' sequences."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.upload.commit import CheckpointTracker, StoredFile, expects_marker, should_commit
+
+QUIET = 30.0
+
+
+def stored(relpath: str, size: int = 10) -> StoredFile:
+    return StoredFile(relpath, size, "0" * 64, f"training_projects/p/jobs/j/rank-0/{relpath}", f"etag-{relpath}")
+
+
+def write(tracker: CheckpointTracker, now: float, *relpaths: str) -> None:
+    """A writer producing files that the engine then stores: noticed, then stored."""
+    for relpath in relpaths:
+        tracker.noticed(relpath, now)
+        tracker.stored(stored(relpath), now)
+
+
+@pytest.fixture
+def tracker() -> CheckpointTracker:
+    return CheckpointTracker(quiet_limit=QUIET)
+
+
+@pytest.mark.parametrize(
+    "names, top_level, expected",
+    [
+        ([], False, False),
+        (["model.safetensors", "config.json"], False, False),
+        (["model.safetensors", "training_args.bin"], False, True),
+        (["checkpoint-5/training_args.bin"], False, True),
+        (["model.safetensors", "training_args.bin"], True, False),
+        (["__0_0.distcp", "__1_0.distcp"], False, True),
+        (["__0_0.distcp"], True, True),
+        (["training_args.bin", "__0_0.distcp"], True, True),
+        (["training_args.bin.bak", "distcp"], False, False),
+    ],
+)
+def test_expects_marker(names, top_level, expected):
+    assert expects_marker(iter(names), top_level=top_level) is expected
+
+
+@pytest.mark.parametrize(
+    "pending, marker_seen, marker_expected, quiet_for, final, expected",
+    [
+        (1, True, True, 99.0, True, None),
+        (2, False, False, 99.0, True, None),
+        (0, True, True, 0.0, False, "marker"),
+        (0, True, False, 0.0, False, "marker"),
+        (0, False, True, 99.0, True, None),
+        (0, False, False, QUIET, False, "quiet"),
+        (0, False, False, 99.0, True, "quiet"),
+        (0, False, False, 29.9, True, "final"),
+        (0, False, False, 29.9, False, None),
+    ],
+)
+def test_should_commit(pending, marker_seen, marker_expected, quiet_for, final, expected):
+    reason = should_commit(pending=pending, marker_seen=marker_seen, marker_expected=marker_expected,
+                           quiet_for=quiet_for, quiet_limit=QUIET, final=final)  # fmt: skip
+    assert reason == expected
+
+
+def test_hugging_face_checkpoint_commits_when_trainer_state_is_stored(tracker):
+    write(tracker, 0.0, "checkpoint-5/training_args.bin", "checkpoint-5/model.safetensors", "checkpoint-5/optimizer.pt")
+    assert tracker.due(100.0, final=True) == []
+    write(tracker, 1.0, "checkpoint-5/trainer_state.json")
+    assert tracker.due(1.0) == [("checkpoint-5", "marker")]
+    assert [f.relpath for f in tracker.files("checkpoint-5")] == [
+        "checkpoint-5/model.safetensors", "checkpoint-5/optimizer.pt",
+        "checkpoint-5/trainer_state.json", "checkpoint-5/training_args.bin",
+    ]  # fmt: skip
+    assert tracker.committed("checkpoint-5", 2.0)
+    assert tracker.due(3.0, final=True) == []
+    assert tracker.uncommitted() == []
+    last = tracker.last_commit
+    assert (last.checkpoint, last.reason, last.at) == ("checkpoint-5", "marker", 2.0)
+
+
+def test_interrupted_save_is_stored_but_never_committed(tracker):
+    write(tracker, 0.0, "checkpoint-10/training_args.bin", "checkpoint-10/model.safetensors")
+    assert tracker.due(1e9, final=True) == []
+    assert tracker.uncommitted() == ["checkpoint-10"]
+    assert tracker.last_commit is None
+
+
+def test_dcp_checkpoint_waits_for_metadata(tracker):
+    write(tracker, 0.0, "step-3/__0_0.distcp", "step-3/__1_0.distcp")
+    assert tracker.due(1e9, final=True) == []
+    write(tracker, 5.0, "step-3/.metadata")
+    assert tracker.due(5.0) == [("step-3", "marker")]
+
+
+def test_writer_without_marker_commits_when_quiet_or_at_the_end(tracker):
+    write(tracker, 0.0, "ckpt/model.bin")
+    write(tracker, 10.0, "ckpt/extra.bin")
+    assert tracker.due(10.0 + QUIET - 0.1) == []
+    assert tracker.due(10.0 + QUIET - 0.1, final=True) == [("ckpt", "final")]
+    assert tracker.due(10.0 + QUIET) == [("ckpt", "quiet")]
+
+
+def test_pending_file_blocks_commit_until_stored_or_dropped(tracker):
+    write(tracker, 0.0, "checkpoint-1/trainer_state.json")
+    tracker.noticed("checkpoint-1/model.safetensors", 1.0)
+    assert tracker.due(1e9, final=True) == []
+    assert tracker.pending_count() == 1
+    tracker.dropped("checkpoint-1/model.safetensors", 2.0)
+    assert tracker.due(2.0) == [("checkpoint-1", "marker")]
+    assert tracker.pending_count() == 0
+
+
+def test_checkpoint_whose_files_all_vanished_is_nothing_to_commit(tracker):
+    tracker.noticed("checkpoint-2/model.bin", 0.0)
+    assert tracker.uncommitted() == ["checkpoint-2"]
+    tracker.dropped("checkpoint-2/model.bin", 1.0)
+    assert tracker.due(1e9, final=True) == []
+    assert tracker.uncommitted() == []
+
+
+def test_file_changed_after_commit_uncommits_and_comes_due_again(tracker):
+    write(tracker, 0.0, "checkpoint-1/model.bin", "checkpoint-1/trainer_state.json")
+    tracker.due(0.0)
+    assert tracker.committed("checkpoint-1", 0.0)
+    tracker.noticed("checkpoint-1/model.bin", 5.0)
+    assert tracker.uncommitted() == ["checkpoint-1"]
+    assert tracker.due(5.0, final=True) == []
+    tracker.stored(StoredFile("checkpoint-1/model.bin", 99, "1" * 64, "k", "e2"), 6.0)
+    assert tracker.due(6.0) == [("checkpoint-1", "marker")]
+    assert tracker.files("checkpoint-1")[0].size == 99
+
+
+@pytest.mark.parametrize("meanwhile", ["noticed", "stored"])
+def test_commit_is_refused_when_the_checkpoint_changed_while_its_manifest_was_written(tracker, meanwhile):
+    write(tracker, 0.0, "checkpoint-1/model.bin", "checkpoint-1/trainer_state.json")
+    assert tracker.due(0.0) == [("checkpoint-1", "marker")]
+    if meanwhile == "noticed":
+        tracker.noticed("checkpoint-1/late.bin", 1.0)
+    else:
+        write(tracker, 1.0, "checkpoint-1/late.bin")
+    assert not tracker.committed("checkpoint-1", 2.0)
+    assert tracker.uncommitted() == ["checkpoint-1"]
+    assert tracker.last_commit is None
+    write(tracker, 3.0, "checkpoint-1/late.bin")
+    assert tracker.due(3.0) == [("checkpoint-1", "marker")]
+    assert tracker.committed("checkpoint-1", 4.0)
+
+
+def test_commit_without_due_is_refused(tracker):
+    write(tracker, 0.0, "checkpoint-1/trainer_state.json")
+    assert not tracker.committed("checkpoint-1", 0.0)
+    assert not tracker.committed("never-seen", 0.0)
+
+
+def test_root_pseudo_checkpoint_of_a_final_save_model_commits_at_exit(tracker):
+    write(tracker, 0.0, "model.safetensors", "config.json", "training_args.bin")
+    assert tracker.due(1.0, final=True) == [(".", "final")]
+
+
+def test_checkpoints_are_independent_and_reported_in_name_order(tracker):
+    write(tracker, 0.0, "checkpoint-2/trainer_state.json", "checkpoint-1/trainer_state.json")
+    write(tracker, 0.0, "checkpoint-3/training_args.bin")
+    assert tracker.due(0.0) == [("checkpoint-1", "marker"), ("checkpoint-2", "marker")]
+    assert tracker.committed("checkpoint-2", 1.0)
+    assert tracker.uncommitted() == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_user_markers_are_globs_on_the_file_name():
+    tracker = CheckpointTracker(("*.done",), quiet_limit=QUIET)
+    write(tracker, 0.0, "run/weights.bin")
+    assert tracker.due(1.0) == []
+    write(tracker, 1.0, "run/sub/epoch.done")
+    assert tracker.due(1.0) == [("run", "marker")]
+
+
+def test_metrics_are_kept_per_checkpoint(tracker):
+    tracker.set_metrics("checkpoint-1", {"eval_loss": 0.5})  # parsed before the marker is reported stored
+    assert tracker.due(0.0, final=True) == [] and tracker.uncommitted() == []
+    write(tracker, 0.0, "checkpoint-1/trainer_state.json")
+    assert tracker.metrics("checkpoint-1") == {"eval_loss": 0.5}
+    assert tracker.metrics("checkpoint-9") == {}
+
+
+def test_positional_construction_matches_the_settings():
+    tracker = CheckpointTracker(("DONE",), 5.0)
+    write(tracker, 0.0, "run/w.bin")
+    assert tracker.due(5.0) == [("run", "quiet")]

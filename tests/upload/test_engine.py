@@ -1,0 +1,117 @@
+"""The engine in-process, where its counters can be read: missed events, polling, new pods, disk
+pressure. Real inotify, real files, a real store (local directory, moto, JuiceFS)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engines import config, counter, s3_flags, until
+
+from daemon.catalog import layout
+from daemon.commands.common import storage_for
+from daemon.upload.engine import Engine
+
+MiB = 1 << 20
+QUEUE_LIMIT = "/proc/sys/fs/inotify/max_queued_events"
+
+
+def write_files(folder: Path, count: int, size: int = 100) -> None:
+    for i in range(count):
+        (folder / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+        (folder / f"d{i % 10}" / f"f{i:05}.bin").write_bytes(os.urandom(size))
+
+
+async def stored_keys(storage, prefix: str) -> set[str]:
+    return {o.key[len(prefix):] async for o in storage.list(prefix)}
+
+
+async def test_overflowed_inotify_queue_is_caught_by_the_reconciliation_scan(tmp_path, s3_bucket):
+    c = config(tmp_path, **s3_flags(s3_bucket), watch_mode="inotify", rescan_interval="1")
+    async with storage_for(c) as storage:
+        engine = Engine(c, storage)
+        old = Path(QUEUE_LIMIT).read_text()
+        Path(QUEUE_LIMIT).write_text("16")  # the inotify instance created now gets a 16-event queue
+        try:
+            await engine.startup()
+        finally:
+            Path(QUEUE_LIMIT).write_text(old)
+        found_before = counter("ckptd_rescan_found_files_total")
+        await asyncio.to_thread(write_files, tmp_path / "ckpt", 2000)
+        await until(lambda: engine.stored_count >= 2000, 120, "2000 files stored")
+        report = await engine.shutdown()
+    assert report.ok and report.stored == 2000
+    assert counter("ckptd_rescan_found_files_total") - found_before > 0
+    async with storage_for(c) as storage:
+        assert len(await stored_keys(storage, layout.rank_prefix("proj", "job-1", 0))) == 2000
+
+
+async def test_polling_mode_stores_everything(tmp_path, s3_bucket):
+    c = config(tmp_path, **s3_flags(s3_bucket), watch_mode="poll")
+    async with storage_for(c) as storage:
+        engine = Engine(c, storage)
+        await engine.startup()
+        assert engine.detector.mode == "poll"
+        await asyncio.to_thread(write_files, tmp_path / "ckpt", 200)
+        await until(lambda: engine.stored_count >= 200, 60, "200 files stored")
+        report = await engine.shutdown()
+        assert report.ok and report.stored == 200
+
+
+async def test_new_pod_of_the_same_job_does_not_upload_committed_files_again(tmp_path):
+    c = config(tmp_path, f"file://{tmp_path}/store")
+    ckpt = tmp_path / "ckpt" / "checkpoint-7"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.bin").write_bytes(os.urandom(MiB))
+    (ckpt / "trainer_state.json").write_text('{"global_step": 7}')
+    async with storage_for(c) as storage:
+        first = Engine(c, storage)
+        await first.startup()
+        await until(lambda: first.stored_count == 2, 30, "first upload")
+        assert (await first.shutdown()).ok
+    subprocess.run(["rm", "-rf", str(tmp_path / "ckpt" / ".ckptd")], check=True)  # a new pod: no journal
+    async with storage_for(c) as storage:
+        second = Engine(c, storage)
+        await second.startup()
+        report = await second.shutdown()
+    assert report.ok and report.stored == 0 and report.uncommitted == []
+
+
+async def test_disk_pressure_removes_only_older_committed_checkpoints(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(ckpt)], check=True)
+    try:
+        c = config(tmp_path, f"file://{tmp_path}/store", min_free_bytes="20MiB")
+        async with storage_for(c) as storage:
+            engine = Engine(c, storage)
+            await engine.startup()
+            for step in (1, 2, 3):
+                folder = ckpt / f"checkpoint-{step}"
+                folder.mkdir()
+                (folder / "model.bin").write_bytes(os.urandom(10 * MiB))
+                (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+            # An interrupted save: the marker Hugging Face writes last never came.
+            (ckpt / "checkpoint-0").mkdir()
+            (ckpt / "checkpoint-0" / "training_args.bin").write_bytes(os.urandom(MiB))
+            await until(lambda: not (ckpt / "checkpoint-1").exists(), 30, "checkpoint-1 removed")
+            report = await engine.shutdown()
+        left = sorted(p.name for p in ckpt.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(ckpt)], check=True)
+    assert report.ok
+    assert "checkpoint-3" in left and "checkpoint-0" in left  # never the newest, never uncommitted
+    assert engine.tracker.is_committed("checkpoint-1") and "checkpoint-0" in report.uncommitted
+    assert (tmp_path / "store" / layout.file_key("proj", "job-1", 0, "checkpoint-1/model.bin")).exists()
+
+
+@pytest.fixture(autouse=True)
+def _restore_queue_limit():
+    old = Path(QUEUE_LIMIT).read_text()
+    yield
+    Path(QUEUE_LIMIT).write_text(old)
