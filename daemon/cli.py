@@ -14,12 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from daemon import __version__, logs
+from daemon import __version__, exits, logs
 from daemon.config import SPECS, Config, ConfigError, load
 from daemon.config.schema import COMMON, RESTORE, SERVE, STORAGE, SUPERVISE, UPLOAD, default_of
-
-EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 1
 
 # command: (groups of setting flags it takes, one-line help)
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -111,13 +108,13 @@ def print_version(as_json: bool) -> int:
     else:
         extra = ", ".join(f"{k} {v}" for k, v in deps.items() if v)
         print(f"ckptd {__version__} (python {platform.python_version()}; {extra})")
-    return 0
+    return exits.OK
 
 
 def _not_yet(command: str) -> Callable[[Config, argparse.Namespace], int]:
     def run(config: Config, args: argparse.Namespace) -> int:
         print(f"ckptd {command}: not available yet in ckptd {__version__}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return exits.UNAVAILABLE
 
     return run
 
@@ -143,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(flags, os.environ, args.config)
     except ConfigError as e:
         print(f"ckptd: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exits.CONFIG
     logs.configure(config.log_level, config.log_format)
     if config.storage == default_of(SPECS["storage"], os.environ) and args.command in ("run", "watch", "restore"):
         logs.get().warning("using the embedded default store: checkpoints stay on this machine",

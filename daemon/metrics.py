@@ -5,7 +5,12 @@ Label values are bounded: error classes and S3 error codes, never paths or keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -16,10 +21,6 @@ INFO = Gauge("ckptd_info", "ckptd build and identity; always 1", ["version", "pr
              registry=REGISTRY)  # fmt: skip
 UPLOAD_LAG = Histogram("ckptd_upload_lag_seconds", "Time from a file being complete to it being durably stored",
                        buckets=LAG_BUCKETS, registry=REGISTRY)  # fmt: skip
-OLDEST_PENDING_AGE = Gauge("ckptd_oldest_pending_age_seconds",
-                           "Age of the oldest complete file not yet stored (0 when none)", registry=REGISTRY)
-PENDING_FILES = Gauge("ckptd_pending_files", "Complete files not yet stored", registry=REGISTRY)
-PENDING_BYTES = Gauge("ckptd_pending_bytes", "Bytes of complete files not yet stored", registry=REGISTRY)
 UPLOADED_FILES = Counter("ckptd_uploaded_files", "Files stored", registry=REGISTRY)
 UPLOADED_BYTES = Counter("ckptd_uploaded_bytes", "Bytes stored", registry=REGISTRY)
 UPLOAD_RETRIES = Counter("ckptd_upload_retries", "Storage requests retried, by error code", ["reason"],
@@ -36,6 +37,46 @@ LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last commi
 RESTORE_BYTES = Counter("ckptd_restore_bytes", "Bytes restored", registry=REGISTRY)
 RESTORE_FILES = Counter("ckptd_restore_files", "Files restored", registry=REGISTRY)
 RESTORE_DURATION = Gauge("ckptd_restore_duration_seconds", "Duration of the last restore", registry=REGISTRY)
-CHECKPOINT_DIR_FREE = Gauge("ckptd_checkpoint_dir_free_bytes", "Free bytes where checkpoints are written",
-                            registry=REGISTRY)  # fmt: skip
 TRAINER_RUNNING = Gauge("ckptd_trainer_running", "1 while the start commands run", registry=REGISTRY)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the uploader has not stored yet, and the room left to write checkpoints."""
+
+    files: int = 0
+    bytes: int = 0
+    oldest_age: float = 0.0  # seconds since the oldest of them was complete
+    free_bytes: int = 0
+
+
+class BacklogCollector(Collector):
+    """Gauges computed when scraped, from the upload queue itself: nothing to keep in step, nothing
+    to drift. Zeros until the upload engine attaches its source."""
+
+    _GAUGES = (
+        ("ckptd_pending_files", "Complete files not yet stored", "files"),
+        ("ckptd_pending_bytes", "Bytes of complete files not yet stored", "bytes"),
+        ("ckptd_oldest_pending_age_seconds", "Age of the oldest complete file not yet stored (0 when none)",
+         "oldest_age"),
+        ("ckptd_checkpoint_dir_free_bytes", "Free bytes where checkpoints are written", "free_bytes"),
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Backlog] | None = None
+
+    def attach(self, source: Callable[[], Backlog] | None) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        for name, help_text, _ in self._GAUGES:
+            yield GaugeMetricFamily(name, help_text)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        backlog = self.source() if self.source is not None else Backlog()
+        for name, help_text, field in self._GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=float(getattr(backlog, field)))
+
+
+BACKLOG = BacklogCollector()
+REGISTRY.register(BACKLOG)

@@ -8,22 +8,22 @@ exists when it runs and should run before any worker thread pool is started.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import os
-import platform
-from collections.abc import Collection
-from typing import Any
+import threading
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
-IOPRIO_WHO_PROCESS = 1
+# psutil carries the ioprio syscall numbers for every architecture it builds on (ppc64le, s390x, ...),
+# so none are kept here.
+import psutil
+
 IOPRIO_CLASS_SHIFT = 13
 IOPRIO_CLASSES = {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}
 IO_PRIORITIES = {"best-effort": (2, 7), "idle": (3, 0), "normal": None}
-# (ioprio_set, ioprio_get); aarch64 uses the generic table shared by newer architectures.
-SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}
 # Failures that mean "not allowed or not available here": reported, never fatal.
 _SOFT_ERRNOS = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSYS}
+T = TypeVar("T")
 
 
 def encode_ioprio(io_priority: str) -> int | None:
@@ -121,8 +121,8 @@ def apply(nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None,
 
     Niceness and I/O priority are only ever lowered. Invalid settings (unknown io_priority, CPUs
     outside this process's affinity) raise ValueError before anything changes; failures of the
-    system calls themselves (EPERM in a locked-down container, no ioprio syscall on this
-    architecture) are returned under "warnings", never raised.
+    system calls themselves (EPERM in a locked-down container, ENOSYS where seccomp or the kernel
+    lacks ioprio) are returned under "warnings", never raised.
     """
     wanted_io = encode_ioprio(io_priority)
     cpus = check_cpus(cpu_affinity, os.sched_getaffinity(0))
@@ -150,15 +150,40 @@ def current(tid: int = 0) -> dict[str, Any]:
 
 def ioprio_get(tid: int = 0) -> int:
     """The raw ioprio value of a thread (0: the calling thread); OSError if unavailable."""
-    return _syscall(1, IOPRIO_WHO_PROCESS, tid)
+    ioclass, level = _on_thread(tid, lambda thread: thread.ionice())
+    return int(ioclass) << IOPRIO_CLASS_SHIFT | level
 
 
 def ioprio_set(tid: int, value: int) -> None:
     """Set the raw ioprio value of one thread (0: the calling thread only, not its siblings)."""
-    _syscall(0, IOPRIO_WHO_PROCESS, tid, value)
+    ioclass, level = value >> IOPRIO_CLASS_SHIFT, value & ((1 << IOPRIO_CLASS_SHIFT) - 1)
+    _on_thread(tid, lambda thread: thread.ionice(ioclass, level))
+
+
+def _on_thread(tid: int, call: Callable[[psutil.Process], T]) -> T:
+    """`call(psutil.Process(tid))`, with psutil's errors turned back into the OSErrors callers expect.
+
+    On Linux a thread id names that one thread to ioprio_get/ioprio_set, and psutil.Process accepts
+    one even though psutil.pid_exists says False for it (psutil issue #687).
+    """
+    tid = tid or threading.get_native_id()
+    try:
+        return call(psutil.Process(tid))
+    except psutil.AccessDenied as e:
+        cause = e.__cause__ or e.__context__  # psutil 7 chains the OSError with "from", 5.9 implicitly
+        if isinstance(cause, OSError) and cause.errno:
+            raise OSError(cause.errno, cause.strerror) from e
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM)) from e
+    except psutil.NoSuchProcess as e:
+        if tid == threading.get_native_id():
+            # The caller cannot have ended: psutil cannot see threads, as without /proc.
+            raise OSError(errno.ENOSYS, "psutil cannot reach this thread (is /proc mounted?)") from e
+        raise ProcessLookupError(errno.ESRCH, os.strerror(errno.ESRCH)) from e
 
 
 def _set_nice(tid: int, nice: int) -> None:
+    # The standard library is enough here: PRIO_PROCESS with a thread id is per-thread on Linux, the
+    # same call psutil's Process.nice makes.
     if nice_raises(os.getpriority(os.PRIO_PROCESS, tid), nice):
         os.setpriority(os.PRIO_PROCESS, tid, nice)
 
@@ -177,24 +202,6 @@ def _soft(warnings: list[str], what: str, call: Any, *args: Any) -> None:
         if e.errno not in _SOFT_ERRNOS:
             raise
         warnings.append(f"could not set {what}: {e.strerror or e}")
-
-
-def _syscall(which: int, *args: int) -> int:
-    numbers = SYSCALLS.get(platform.machine())
-    if numbers is None:
-        raise OSError(errno.ENOSYS, f"ioprio syscalls unknown on {platform.machine()}")
-    libc = _libc()
-    # syscall() is variadic and reads longs: pass longs, or the upper register halves are garbage.
-    result = libc.syscall(ctypes.c_long(numbers[which]), *(ctypes.c_long(a) for a in args))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(result)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _thread_ids() -> list[int]:

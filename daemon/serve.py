@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon import __version__, metrics
-from daemon.upload import status as views
 
 HEARTBEAT = 0.5
 MAX_LOOP_LAG = 5.0  # seconds late before /healthz reports the loop as stuck
@@ -27,6 +26,14 @@ class ServeError(Exception):
     """The listen address cannot be used (in use, not local, no permission)."""
 
 
+class Reporter(Protocol):
+    """What a running part (the uploader) tells the endpoints."""
+
+    def not_ready(self) -> list[str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class Health:
     """What the endpoints report. Fed where things happen; read when a request comes."""
 
@@ -34,24 +41,14 @@ class Health:
         self.identity = identity
         self.restore_done = False
         self.loop_lag = 0.0
-        self.engine = None  # set once the upload engine has started
+        self.uploads: Reporter | None = None  # set once the upload engine exists
         self.trainer_running: Callable[[], bool] = lambda: False
 
     def not_ready(self) -> list[str]:
-        reasons = []
-        if not self.restore_done:
-            reasons.append("restore not finished")
-        engine = self.engine
-        if engine is not None:
-            if engine.permanent_error is not None:
-                e = engine.permanent_error
-                reasons.append(f"storage refuses requests: {e.code} ({e.op})")
-            elif engine.storage_reachable is False:
-                reasons.append("storage not reachable")
-        return reasons
+        reasons = [] if self.restore_done else ["restore not finished"]
+        return reasons + (self.uploads.not_ready() if self.uploads is not None else [])
 
     def status(self) -> dict[str, Any]:
-        engine = self.engine
         return {
             **self.identity,
             "version": __version__,
@@ -60,7 +57,7 @@ class Health:
             "restore_done": self.restore_done,
             "trainer_running": self.trainer_running(),
             "loop_lag_seconds": round(self.loop_lag, 3),
-            **(views.status(engine) if engine is not None else {}),
+            **(self.uploads.status() if self.uploads is not None else {}),
         }
 
 
@@ -113,8 +110,7 @@ class Server:
             await runner.cleanup()
             raise ServeError(f"cannot listen on {host}:{port} (metrics_addr, $CKPTD_METRICS_ADDR): {e.strerror}") from None
         self._runner = runner
-        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
-        self.address = sockets[0].getsockname()[:2] if sockets else (host, port)
+        self.address = runner.addresses[0][:2]  # the real port when asked for port 0
         self._heartbeat = asyncio.create_task(heartbeat(self.health), name="heartbeat")
         log.info("serving metrics and health", address=f"{self.address[0]}:{self.address[1]}")
         return self.address

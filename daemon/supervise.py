@@ -8,30 +8,17 @@ passed through untouched.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from collections.abc import Mapping, Sequence
 
 import structlog
 
+from daemon import exits
 from daemon.config import Config
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-STOPPING = (signal.SIGTERM, signal.SIGINT)
 log = structlog.get_logger()
-
-
-def exit_status(returncode: int) -> int:
-    """The shell's convention for a process's end, which `ckptd run` passes on.
-
-    | returncode | exit status | meaning                 |
-    |------------|-------------|-------------------------|
-    | 0          | 0           | success                 |
-    | 3          | 3           | the trainer's own code  |
-    | -9         | 137         | killed by SIGKILL (9)   |
-    | -15        | 143         | terminated by SIGTERM   |
-    """
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def trainer_env(c: Config, base: Mapping[str, str]) -> dict[str, str]:
@@ -68,7 +55,7 @@ class Trainer:
 
     async def run(self) -> int:
         """Run the commands in order, stopping at the first failure or a stop signal."""
-        status = 0
+        status = exits.OK
         for argv in self.commands:
             if self.stopping:
                 break
@@ -76,20 +63,20 @@ class Trainer:
                 self.proc = await asyncio.create_subprocess_exec(*argv, env=self.env, start_new_session=True)
             except OSError as e:
                 log.error("start command could not be started", command=argv, error=e.strerror)
-                return 127 if e.errno == 2 else 126  # the shell's codes for "not found", "not executable"
+                return exits.NOT_FOUND if e.errno == errno.ENOENT else exits.NOT_EXECUTABLE
             self.started.set()
             log.info("trainer started", pid=self.proc.pid, command=argv)
-            status = exit_status(await self.proc.wait())
+            status = exits.of_process(await self.proc.wait())
             log.info("trainer exited", pid=self.proc.pid, exit_code=status)
-            if status != 0:
+            if status != exits.OK:
                 break
         self._cancel_killer()
         return status
 
-    def forward(self, sig: signal.Signals) -> None:
-        """Pass a signal to the running command's whole process group; stop signals also start
+    def forward(self, sig: signal.Signals, *, stop: bool) -> None:
+        """Pass a signal to the running command's whole process group; a stop signal also starts
         the --stop-timeout clock, after which the group is killed."""
-        if sig in STOPPING:
+        if stop:
             self.stopping = True
             if self._killer is None:
                 self._killer = asyncio.get_running_loop().call_later(self.stop_timeout, self.kill, "stop timeout")

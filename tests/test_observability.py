@@ -195,6 +195,8 @@ def series_like_ckptd(instance: str, job_id: str, rank: str) -> list[dict]:
         else:
             assert isinstance(metric, Gauge)
             out.append({"series": f"{name}{{{labels}}}", "values": "1x60"})
+    for family in metrics.BACKLOG.describe():  # gauges computed at scrape time
+        out.append({"series": f"{family.name}{{{labels}}}", "values": "1x60"})
     return out
 
 

@@ -8,7 +8,6 @@ Readers combine them and derive the job's overall status.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,8 +16,8 @@ from typing import Any
 
 from daemon import logs
 from daemon.catalog import layout
-from daemon.catalog.manifest import json_bytes, utc_now
-from daemon.storage import Storage, StorageError
+from daemon.catalog.jsonio import json_bytes, read_object, utc_now
+from daemon.storage import Storage
 
 RUNNING, COMPLETED, FAILED = "RUNNING", "COMPLETED", "FAILED"
 SYNCING = "SYNCING"
@@ -41,7 +40,7 @@ async def ensure_job(storage: Storage, project: str, job_id: str, group_size: in
     whichever lands last loses nothing.
     """
     key = layout.job_metadata_key(project, job_id)
-    existing = await _read_json(storage, key)
+    existing = await read_job_record(storage, project, job_id)
     if existing is not None:
         return existing
     if isinstance(created_at, datetime):
@@ -49,6 +48,11 @@ async def ensure_job(storage: Storage, project: str, job_id: str, group_size: in
     job = {"project": project, "job_id": job_id, "created_at": created_at or utc_now(), "group_size": group_size}
     await storage.put(key, json_bytes(job))
     return job
+
+
+async def read_job_record(storage: Storage, project: str, job_id: str) -> dict[str, Any] | None:
+    """job.json as stored (None when missing or damaged); `read_job` adds every rank's status."""
+    return await read_object(storage, layout.job_metadata_key(project, job_id))
 
 
 def rank_status(rank: int, *, status: str, sync_status: str = SYNCING, exit_code: int | None = None,
@@ -122,7 +126,7 @@ async def read_job(storage: Storage, project: str, job_id: str) -> dict[str, Any
     keys = {info.key: int(m.group(1)) async for info in storage.list(prefix)
             if (m := _STATUS_NAME.fullmatch(info.key[len(prefix) :]))}  # fmt: skip
     job, *found = await asyncio.gather(
-        _read_json(storage, layout.job_metadata_key(project, job_id)), *(_read_json(storage, k) for k in keys)
+        read_job_record(storage, project, job_id), *(read_object(storage, k) for k in keys)
     )
     checked = (s for (key, rank), s in zip(keys.items(), found, strict=True) if _valid_status(key, rank, s))
     ranks = sorted(checked, key=lambda s: s["rank"])
@@ -150,21 +154,3 @@ def _valid_status(key: str, rank: int, status: dict[str, Any] | None) -> bool:
     if not ok:
         logs.get(__name__).warning("skipping malformed rank status", key=key)
     return ok
-
-
-async def _read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    """The JSON object at `key`; None when it is missing or damaged (logged)."""
-    try:
-        data = await storage.get(key)
-    except StorageError as exc:
-        if exc.code in ("NoSuchKey", "NotFound"):
-            return None
-        raise
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        obj = exc
-    if not isinstance(obj, dict):
-        logs.get(__name__).warning("skipping unreadable job metadata", key=key, error=str(obj)[:200])
-        return None
-    return obj

@@ -12,14 +12,16 @@ import json
 import math
 import re
 from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from daemon import logs
 from daemon.catalog import layout
-from daemon.upload.commit import StoredFile
+from daemon.catalog.jsonio import json_bytes
 from daemon.storage import Storage, StorageError
 
 FORMAT = 1
+TRAINER_STATE = "trainer_state.json"  # Hugging Face's; the manifest's metrics come from it
 _READ_CONCURRENCY = 16
 
 # Step from checkpoint names, first pattern that matches wins. `step` may appear anywhere as a
@@ -35,14 +37,19 @@ _FIELDS = {"project": str, "job_id": str, "rank": int, "checkpoint": str, "commi
            "total_bytes": int, "file_count": int, "files": list, "metrics": dict}  # fmt: skip
 
 
-def utc_now() -> str:
-    """The one timestamp format of stored metadata: ISO 8601, UTC, '+00:00'."""
-    return datetime.now(UTC).isoformat()
+@dataclass(frozen=True)
+class StoredFile:
+    """One file durably stored, as its manifest entry will list it."""
 
+    relpath: str
+    size: int
+    sha256: str
+    key: str
+    etag: str
 
-def json_bytes(obj: Any) -> bytes:
-    """Stable JSON for the store: sorted keys, UTF-8, no NaN (other tools reject it)."""
-    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode()
+    @property
+    def checkpoint(self) -> str:
+        return layout.checkpoint_of(self.relpath)
 
 
 def parse_step(checkpoint: str) -> int | None:
@@ -61,6 +68,10 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value if isinstance(value, int | float | str) else None
+
+
+def is_trainer_state(relpath: str) -> bool:
+    return relpath.rsplit("/", 1)[-1] == TRAINER_STATE
 
 
 def metrics_from_trainer_state(data: bytes) -> dict[str, Any]:
@@ -114,10 +125,6 @@ def build_manifest(project: str, job_id: str, rank: int, checkpoint: str, files:
     }
 
 
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return json_bytes(manifest)
-
-
 def _check(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(f"bad manifest: {what}")
@@ -164,20 +171,16 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _missing(exc: StorageError) -> bool:
-    return exc.code in ("NoSuchKey", "NotFound")
-
-
 def _key_of(manifest: dict[str, Any]) -> str:
     return layout.manifest_key(manifest["project"], manifest["job_id"], manifest["rank"], manifest["checkpoint"])
 
 
-async def write_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
-    """Store the manifest at its key and return the key.
+async def write_manifest(storage: Storage, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Store the manifest at its key; return the manifest the store now holds.
 
-    An existing manifest listing the very same files is kept as it is: re-committing unchanged
-    files (a daemon restart re-reporting them) must not move that checkpoint's commit time, which
-    decides what "latest" is.
+    An existing manifest listing the very same files is kept as it is (and returned): re-committing
+    unchanged files (a daemon restart re-reporting them) must not move that checkpoint's commit
+    time, which decides what "latest" is.
     """
     key = _key_of(manifest)
     try:
@@ -185,13 +188,13 @@ async def write_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
     except ValueError:
         old = None  # a damaged manifest is simply replaced
     except StorageError as exc:
-        if not _missing(exc):
+        if not exc.missing:
             raise
         old = None
     if old is not None and old["files"] == manifest["files"]:
-        return key
-    await storage.put(key, manifest_bytes(manifest))
-    return key
+        return old
+    await storage.put(key, json_bytes(manifest))
+    return manifest
 
 
 async def _read_one(storage: Storage, key: str, limit: asyncio.Semaphore) -> dict[str, Any] | None:
@@ -200,7 +203,7 @@ async def _read_one(storage: Storage, key: str, limit: asyncio.Semaphore) -> dic
         try:
             manifest = parse_manifest(await storage.get(key))
         except StorageError as exc:
-            if not _missing(exc):  # a transient failure must not silently make "latest" older
+            if not exc.missing:  # a transient failure must not silently make "latest" older
                 raise
             log.info("manifest vanished while listing", error=str(exc))
             return None

@@ -12,7 +12,6 @@ from daemon.config import Config
 from daemon.serve import Health, Server, ServeError
 from daemon.storage import S3Options, Storage, open_storage
 
-EXIT_CONFIG = 2
 log = structlog.get_logger()
 
 

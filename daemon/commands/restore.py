@@ -13,12 +13,12 @@ from dataclasses import asdict
 
 import structlog
 
+from daemon import exits
 from daemon.config import Config
 from daemon.progress import Bar
 from daemon.restore.restorer import RestoreConflict, RestoreFailed, RestoreReport, restore
 from daemon.storage import Storage, StorageError
 
-EXIT_CONFLICT, EXIT_RESTORE = 2, 3
 log = structlog.get_logger()
 
 
@@ -36,10 +36,10 @@ async def restore_phase(c: Config, storage: Storage, report_to: list | None = No
                                default_project=c.project, progress=Bar("restoring"))  # fmt: skip
     except RestoreConflict as e:
         log.error("restore refused", error=str(e))
-        return EXIT_CONFLICT
+        return exits.CONFIG
     except (RestoreFailed, StorageError) as e:
         log.error("restore failed: training not started", error=str(e))
-        return EXIT_RESTORE
+        return exits.RESTORE
     if report_to is not None:
         report_to.append(report)
     return None
@@ -58,4 +58,4 @@ def main(c: Config, args: argparse.Namespace) -> int:
     code = uvloop.run(go())
     if args.json and reports:
         print(json.dumps(asdict(reports[0]), default=str))
-    return code or 0
+    return code or exits.OK

@@ -1,7 +1,7 @@
 """`ckptd watch`: the sidecar. Upload until SIGTERM/SIGINT or `--exit-when PATH`, drain, exit 0 or 4.
 
-Signal handlers only record the signal; the main coroutine decides. A second signal cuts the
-drain short (state is still recorded); a third exits at once.
+Signals (see `signals`): the first starts the drain, a second cuts it short (state is still
+recorded), a third exits at once.
 """
 
 from __future__ import annotations
@@ -9,62 +9,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
 import structlog
 
-from daemon.commands.common import EXIT_CONFIG, serving, storage_for
+from daemon import exits
+from daemon.commands.common import serving, storage_for
+from daemon.commands.signals import STOPPING, Signals
 from daemon.config import Config
+from daemon.storage.retry import Deadline
 from daemon.upload.engine import Engine
 
-EXIT_OK, EXIT_NOT_DRAINED = 0, 4
+EXIT_FILE_POLL = 0.25  # seconds between looks for the --exit-when file
 log = structlog.get_logger()
 
 
-class Stopper:
-    """Turns signals and the --exit-when file into one `stop` event, and counts repeats."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
-        self.stop = asyncio.Event()
-        self.engine = engine
-        self.count = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signalled, sig)
-
-    def _signalled(self, sig: signal.Signals) -> None:
-        self.count += 1
-        log.info("signal received", signal=sig.name, count=self.count)
-        if self.count == 2 and self.engine.drain_deadline is not None:
-            self.engine.drain_deadline = 0.0  # finish now, but still record state
-        elif self.count >= 3:
-            os._exit(EXIT_NOT_DRAINED)
-        self.stop.set()
-
-    async def watch_file(self, path: str) -> None:
-        while not os.path.exists(path):
-            await asyncio.sleep(0.25)
-        log.info("exit file found", path=path)
-        self.stop.set()
+async def exit_file(path: str) -> None:
+    while not os.path.exists(path):
+        await asyncio.sleep(EXIT_FILE_POLL)
+    log.info("exit file found", path=path)
 
 
 async def watch(c: Config, exit_when: str | None) -> int:
+    deadline = Deadline()  # the drain's: a second stop signal shortens it
     async with serving(c, "watch") as health:
         if health is None:
-            return EXIT_CONFIG
+            return exits.CONFIG
         health.restore_done = True  # nothing to restore in sidecar mode: the init container did it
-        async with storage_for(c) as storage:
-            engine = health.engine = Engine(c, storage)
-            stopper = Stopper(asyncio.get_running_loop(), engine)
-            waiter = asyncio.create_task(stopper.watch_file(exit_when)) if exit_when else None
+        signals = Signals(deadline, exit_code=lambda sig: exits.NOT_STORED)
+        async with storage_for(c) as storage, signals.installed(STOPPING):
+            engine = Engine(c, storage, deadline)
+            health.uploads = engine.status
             await engine.startup()
             log.info("priority lowered", **engine.lower_priority())
-            await engine.serve(stopper.stop)
-            report = await engine.shutdown()
-            if waiter:
+            stops = [asyncio.ensure_future(signals.stopping.wait())]
+            if exit_when:
+                stops.append(asyncio.ensure_future(exit_file(exit_when)))
+            await asyncio.wait(stops, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in stops:
                 waiter.cancel()
+            report = await engine.shutdown()
     if not report.ok:
         log.error("not everything was stored", files=report.not_stored[:50], count=len(report.not_stored))
-    return EXIT_OK if report.ok else EXIT_NOT_DRAINED
+    return exits.of_watch(report.ok)
 
 
 def main(c: Config, args: argparse.Namespace) -> int:

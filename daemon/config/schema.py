@@ -20,9 +20,11 @@ from daemon.storage.options import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SI
 COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE = "common", "storage", "upload", "restore", "run", "serve"
 
 MiB = 1 << 20
+# Temporary names: suffixes, editors' files, HF's tmp-checkpoint-N folder, ckptd's own state, and
+# Rust's tempfile crate (".tmp" + 6 characters: safetensors and tokenizers write then rename).
 DEFAULT_IGNORE = (
     "*.tmp", "*.part", "*.lock", "*.swp", "*.swx", "*~", ".#*", "#*#",
-    "tmp-checkpoint-*", ".ckptd*",
+    "tmp-checkpoint-*", ".ckptd*", ".tmp*",
 )  # fmt: skip
 DEFAULT_MARKERS = ("trainer_state.json", ".metadata")
 

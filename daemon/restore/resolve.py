@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from daemon.catalog import layout
+from daemon.catalog import jobmeta, layout
 from daemon.config.refs import NAMED, CheckpointRef
 from daemon.catalog.manifest import latest_manifest, parse_manifest
 from daemon.storage import Storage, StorageError
@@ -105,10 +104,6 @@ def _parse_time(value: Any) -> datetime | None:
     return stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
-def _missing(exc: StorageError) -> bool:
-    return exc.code in ("NoSuchKey", "NotFound")
-
-
 async def _any_key(storage: Storage, prefix: str, suffix: str = "") -> bool:
     # aclosing: stop after the first page instead of listing everything under the prefix.
     async with contextlib.aclosing(storage.list(prefix)) as listing:
@@ -172,7 +167,7 @@ async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) 
     try:
         manifest = parse_manifest(await storage.get(key))
     except StorageError as exc:
-        if _missing(exc):
+        if exc.missing:
             return None
         raise
     except ValueError as exc:
@@ -186,20 +181,9 @@ async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) 
 
 
 async def _created_at(storage: Storage, project: str, job_id: str, limit: asyncio.Semaphore) -> str | None:
-    key = layout.job_metadata_key(project, job_id)
     async with limit:
-        try:
-            data = await storage.get(key)
-        except StorageError as exc:
-            if _missing(exc):
-                return None
-            raise
-    try:
-        job = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("ignoring unreadable job metadata", key=key)
-        return None
-    return job.get("created_at") if isinstance(job, dict) else None
+        job = await jobmeta.read_job_record(storage, project, job_id)
+    return job.get("created_at") if job is not None else None
 
 
 async def _latest_of_project(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:

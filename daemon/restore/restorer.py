@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import os
 import stat
 import time
@@ -21,13 +20,13 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon.files import fsync_dir
 from daemon import metrics
+from daemon.catalog.jsonio import json_bytes, utc_now
 from daemon.config.refs import CheckpointRef
-from daemon.catalog.manifest import json_bytes, utc_now
+from daemon.files import fsync_dir, sha256_of, write_atomic
 from daemon.restore.resolve import AmbiguousJob, Conflict, Item, Resolved, UnsafeManifest, plan, resolve
-from daemon.storage.retry import retrying
 from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
 
 MiB = 1 << 20
 SUMMARY = "ckptd-restore.json"
@@ -62,14 +61,6 @@ class RestoreReport:
     missing: list[str]
 
 
-def _sha256(fd: int) -> str:
-    digest, offset = hashlib.sha256(), 0
-    while block := os.pread(fd, MiB, offset):
-        digest.update(block)
-        offset += len(block)
-    return digest.hexdigest()
-
-
 def _matches(path: str, size: int, sha256: str) -> bool:
     """Whether a regular file with exactly these bytes is already at `path`."""
     try:
@@ -78,7 +69,7 @@ def _matches(path: str, size: int, sha256: str) -> bool:
         return False
     try:
         st = os.fstat(fd)
-        return stat.S_ISREG(st.st_mode) and st.st_size == size and _sha256(fd) == sha256
+        return stat.S_ISREG(st.st_mode) and st.st_size == size and sha256_of(fd) == sha256
     finally:
         os.close(fd)
 
@@ -113,7 +104,7 @@ def _finish(tmp: str, item: Item) -> None:
         size = os.fstat(fd).st_size
         if size != item.size:
             raise _Corrupt(f"size {size}, manifest says {item.size}")
-        got = _sha256(fd)
+        got = sha256_of(fd)
         if got != item.sha256:
             raise _Corrupt(f"sha256 {got}, manifest says {item.sha256}")
         os.fsync(fd)
@@ -221,10 +212,9 @@ class _Downloader:
 
     async def _chunk(self, item: Item, tmp: str, start: int, end: int) -> None:
         async with self.chunks:
-            t0 = time.monotonic()
             get = functools.partial(self.storage.get, item.key, start, end)
             try:
-                data = await retrying(get, deadline=lambda: t0 + self.retry_window, context={"file": item.target},
+                data = await retrying(get, deadline=Deadline.after(self.retry_window), context={"file": item.target},
                                       counter=None)
             except StorageError as exc:
                 if exc.code != "InvalidRange":
@@ -241,10 +231,9 @@ async def _resolve_all(storage: Storage, refs: Sequence[CheckpointRef], default_
     """What every reference names, and the optional ones that name nothing; RestoreFailed if a required one does."""
 
     async def one(ref: CheckpointRef) -> Resolved | None:
-        t0 = time.monotonic()
         try:
             return await retrying(functools.partial(resolve, storage, ref, default_project=default_project, rank=rank),
-                                  deadline=lambda: t0 + retry_window, context={"ref": ref.describe()}, counter=None)  # fmt: skip
+                                  deadline=Deadline.after(retry_window), context={"ref": ref.describe()}, counter=None)  # fmt: skip
         except AmbiguousJob as exc:
             raise RestoreFailed(str(exc)) from None
         except StorageError as exc:
@@ -281,11 +270,7 @@ def _write_summary(restore_dir: str, rank: int, summary: dict[str, Any]) -> None
     # The rank folder exists even when nothing was restored: get_last_checkpoint() lists it, and
     # a missing folder would crash the trainer instead of letting it start from scratch.
     os.makedirs(os.path.join(restore_dir, f"rank-{rank}"), exist_ok=True)
-    path, data = os.path.join(restore_dir, SUMMARY), json_bytes(summary)
-    _prepare(_part_path(path))
-    _write_at(_part_path(path), data, 0)
-    _finish(_part_path(path), Item(SUMMARY, path, len(data), hashlib.sha256(data).hexdigest()))
-    fsync_dir(restore_dir)
+    write_atomic(os.path.join(restore_dir, SUMMARY), json_bytes(summary))
 
 
 async def restore(storage: Storage, *, refs: Sequence[CheckpointRef], restore_dir: str, rank: int,

@@ -25,6 +25,8 @@ TRANSIENT_CODES = frozenset(
     }
 )
 
+MISSING_CODES = frozenset({"NoSuchKey", "NotFound"})
+
 # S3 error codes that retrying cannot fix.
 PERMANENT_CODES = frozenset(
     {
@@ -100,3 +102,8 @@ class StorageError(Exception):
         self.http_status = http_status
         self.transient = is_transient(code, http_status) if transient is None else transient
         super().__init__(f"{op} {key!r}: {code}: {message}")
+
+    @property
+    def missing(self) -> bool:
+        """The object is not there (S3 says NoSuchKey for GET, a bare 404 NotFound for HEAD)."""
+        return self.code in MISSING_CODES

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.files import fsync_dir
+from daemon import files
+from daemon.files import fsync_dir, write_all
 from daemon.storage.errors import StorageError
 
 RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key
@@ -58,8 +58,6 @@ def check_key(op: str, key: str, *, prefix: bool = False) -> None:
         raise StorageError(op, key, "InvalidKey", why, transient=False)
 
 
-
-
 def makedirs_durable(path: Path) -> None:
     """mkdir -p, fsyncing each parent whose entries changed so new folders survive a crash."""
     missing = []
@@ -99,47 +97,21 @@ def _store_etag(fd: int, etag: str) -> str:
         raise
 
 
-def _open_temp(folder: Path, make_parents: bool) -> tuple[int, Path]:
-    for attempt in range(3):
-        if make_parents:
-            makedirs_durable(folder)
-        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
-        except FileNotFoundError:
-            # A concurrent delete pruned the (then empty) folder between mkdir and open.
-            if not make_parents or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
 def write_atomic(dest: Path, fill: Callable[[int], str], *, make_parents: bool = True) -> str:
     """Create `dest` atomically with what `fill(fd)` writes; `fill` returns the content's etag.
 
     Returns the etag stored with the file (see `read_etag`).
     """
-    fd, tmp = _open_temp(dest.parent, make_parents)
-    try:
+    for attempt in range(3):
+        if make_parents:
+            makedirs_durable(dest.parent)
         try:
-            etag = _store_etag(fd, fill(fd))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(dest.parent)
-    return etag
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+            return files.write_atomic(dest, lambda fd: _store_etag(fd, fill(fd)), tmp_prefix=TMP_PREFIX)
+        except FileNotFoundError:
+            # A concurrent delete pruned the (then empty) folder between mkdir and open.
+            if not make_parents or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def append_file(dst_fd: int, src: Path) -> None:

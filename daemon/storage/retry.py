@@ -42,6 +42,50 @@ def backoff(attempt: int, rand: float, base: float = BASE_DELAY, cap: float = MA
     return ceiling / 2 + rand * ceiling / 2
 
 
+class Deadline:
+    """When retrying must stop: unset (retry forever) until someone sets it.
+
+    One object per process phase, owned by whoever decides (the drain, a restore's retry window)
+    and read by every retry loop at each failure, so a change applies to requests already waiting.
+    """
+
+    def __init__(self, at: float | None = None) -> None:
+        self._at = at
+        self._cap: float | None = None  # an upper bound asked for before the deadline was set
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    @property
+    def at(self) -> float | None:
+        """The time.monotonic() value after which no retry starts; None while unset."""
+        return self._at
+
+    @property
+    def is_set(self) -> bool:
+        return self._at is not None
+
+    def start(self, seconds: float) -> None:
+        """Set it `seconds` from now, or sooner if `shorten` asked for that before."""
+        at = time.monotonic() + seconds
+        self._at = at if self._cap is None else min(at, self._cap)
+
+    def shorten(self, seconds: float) -> None:
+        """At most `seconds` from now, whether or not it is set yet (a second stop signal)."""
+        at = time.monotonic() + seconds
+        self._cap = at if self._cap is None else min(self._cap, at)
+        if self._at is not None:
+            self._at = min(self._at, at)
+
+    def grace(self, seconds: float) -> None:
+        """A last short window after the drain: `seconds` past the deadline or past now, whichever is earlier."""
+        self._at = min(self._at if self._at is not None else time.monotonic(), time.monotonic()) + seconds
+
+    def passed(self) -> bool:
+        return self._at is not None and time.monotonic() >= self._at
+
+
 def should_retry(error: StorageError, attempt_delay: float, now: float, deadline: float | None) -> bool:
     """Retry when the error is transient and the next attempt starts before the deadline.
 
@@ -57,7 +101,7 @@ def should_retry(error: StorageError, attempt_delay: float, now: float, deadline
     return deadline is None or now + attempt_delay < deadline
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], float | None],
+async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Deadline,
                    context: dict | None = None, counter: Counter | None = metrics.UPLOAD_RETRIES,
                    observe: Callable[[StorageError | None], None] | None = None) -> T:  # fmt: skip
     """Run `call` until it succeeds, a permanent error, or the deadline (read at each failure,
@@ -72,7 +116,7 @@ async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Callable[[], f
                 observe(e)
             attempt += 1
             delay = backoff(attempt, random.random())
-            if not should_retry(e, delay, time.monotonic(), deadline()):
+            if not should_retry(e, delay, time.monotonic(), deadline.at):
                 raise
             if counter is not None:
                 counter.labels(reason=e.code).inc()

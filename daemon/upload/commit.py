@@ -14,30 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.catalog.layout import ROOT_CHECKPOINT, checkpoint_of
+from daemon.catalog.manifest import StoredFile
 
-# trainer_state.json: written last into Hugging Face `checkpoint-N/`; .metadata: renamed into place
-# last by PyTorch DCP.
-DEFAULT_MARKERS: tuple[str, ...] = ("trainer_state.json", ".metadata")
-DEFAULT_QUIET_LIMIT = 60.0  # seconds; the settings' default for upload.quiet_commit
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """One file durably stored, as its manifest entry will list it."""
-
-    relpath: str
-    size: int
-    sha256: str
-    key: str
-    etag: str
-
-    @property
-    def checkpoint(self) -> str:
-        return checkpoint_of(self.relpath)
 
 
 def _basename(name: str) -> str:
     return name.rsplit("/", 1)[-1]
+
+
+def is_marker(relpath: str, patterns: Iterable[str]) -> bool:
+    """True if the file's name (not its folder's) matches a marker glob."""
+    name = _basename(relpath)
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
 def expects_marker(names: Iterable[str], *, top_level: bool = False) -> bool:
@@ -97,6 +85,8 @@ class LastCommit:
     checkpoint: str
     reason: str
     at: float  # monotonic
+    step: int | None = None  # as the manifest says
+    committed_at: str | None = None  # the manifest's own time: an unchanged re-commit keeps the first
 
 
 @dataclass
@@ -120,7 +110,7 @@ class CheckpointTracker:
     the caller writes the manifest from `files(cp)` and `metrics(cp)` and then calls `committed`.
     """
 
-    def __init__(self, markers: tuple[str, ...] = DEFAULT_MARKERS, quiet_limit: float = DEFAULT_QUIET_LIMIT) -> None:
+    def __init__(self, markers: tuple[str, ...], quiet_limit: float) -> None:
         self.markers = tuple(markers)
         self.quiet_limit = quiet_limit
         self.last_commit: LastCommit | None = None
@@ -170,10 +160,7 @@ class CheckpointTracker:
         # Once stored, a marker stays seen: a file found late by a rescan, or changed afterwards,
         # belongs to the same save, and demanding a fresh marker would block its commit forever.
         state = self._checkpoints.get(checkpoint)
-        return bool(state) and any(self._is_marker(relpath) for relpath in state.stored)
-
-    def _is_marker(self, relpath: str) -> bool:
-        return any(fnmatch.fnmatchcase(_basename(relpath), glob) for glob in self.markers)
+        return bool(state) and any(is_marker(relpath, self.markers) for relpath in state.stored)
 
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
         if not state.committed and not state.pending and state.stored == state.manifest_files:
@@ -205,7 +192,9 @@ class CheckpointTracker:
                 ready.append((checkpoint, reason))
         return ready
 
-    def committed(self, checkpoint: str, now: float) -> bool:
+    def committed(
+        self, checkpoint: str, now: float, *, step: int | None = None, committed_at: str | None = None
+    ) -> bool:
         """Record that the manifest offered by `due` is written. False (and still uncommitted)
         when a file was noticed or stored meanwhile: the manifest is stale and will come due again.
         """
@@ -218,7 +207,7 @@ class CheckpointTracker:
             return False
         state.committed = True
         state.manifest_files = dict(files)
-        self.last_commit = LastCommit(checkpoint, reason, now)
+        self.last_commit = LastCommit(checkpoint, reason, now, step, committed_at)
         return True
 
     def already_committed(self, checkpoint: str) -> None:

@@ -40,27 +40,24 @@ class Identity:
 class Verdict(enum.Enum):
     COMPLETE = "complete"
     WAIT = "wait"  # look again after the settle time
-    IGNORED = "ignored"
     VANISHED = "vanished"
 
 
-def judge(*, ignored: bool, before: Identity | None, now: Identity | None, open_for_write: bool,
-          quiet_for: float, settle: float) -> Verdict:  # fmt: skip
-    """Decide what to do with a candidate file.
+def judge(
+    *, before: Identity | None, now: Identity | None, open_for_write: bool, quiet_for: float, settle: float
+) -> Verdict:
+    """Decide what to do with a candidate file (ignored names never become candidates).
 
-    | ignored | now   | open for write | now == before | quiet_for >= settle | verdict  |
-    |---------|-------|----------------|---------------|---------------------|----------|
-    | yes     | any   | any            | any           | any                 | IGNORED  |
-    | no      | None  | any            | any           | any                 | VANISHED |
-    | no      | file  | yes            | any           | any                 | WAIT     |
-    | no      | file  | no             | no            | any                 | WAIT     |
-    | no      | file  | no             | yes           | no                  | WAIT     |
-    | no      | file  | no             | yes           | yes                 | COMPLETE |
+    | now   | open for write | now == before | quiet_for >= settle | verdict  |
+    |-------|----------------|---------------|---------------------|----------|
+    | None  | any            | any           | any                 | VANISHED |
+    | file  | yes            | any           | any                 | WAIT     |
+    | file  | no             | no            | any                 | WAIT     |
+    | file  | no             | yes           | no                  | WAIT     |
+    | file  | no             | yes           | yes                 | COMPLETE |
 
     `before` is the identity seen when the settle time started; a change restarts it.
     """
-    if ignored:
-        return Verdict.IGNORED
     if now is None:
         return Verdict.VANISHED
     if open_for_write or now != before or quiet_for < settle:
@@ -72,12 +69,6 @@ def is_ignored(relpath: str, patterns: Iterable[str]) -> bool:
     """True if any segment of the path matches an ignore glob (a temporary folder hides its files)."""
     segments = relpath.split("/")
     return any(fnmatch.fnmatchcase(seg, pat) for seg in segments for pat in patterns)
-
-
-def is_marker(relpath: str, patterns: Iterable[str]) -> bool:
-    """True if the file's name marks its checkpoint as fully written."""
-    name = relpath.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
 def files_open_for_write() -> frozenset[tuple[int, int]] | None:

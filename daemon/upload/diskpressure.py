@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.catalog.manifest import parse_step
+from daemon.files import free_bytes
+from daemon.upload.statedir import is_state
 
 log = structlog.get_logger()
 
@@ -49,11 +51,11 @@ def victims(checkpoints: list[LocalCheckpoint], free: int, min_free: int) -> lis
     return chosen
 
 
-def local_checkpoints(root: str, skip: Callable[[str], bool], committed: Callable[[str], bool]) -> list[LocalCheckpoint]:
+def local_checkpoints(root: str, committed: Callable[[str], bool]) -> list[LocalCheckpoint]:
     """Top-level folders of the checkpoint folder with their size and age (blocking: use a thread)."""
     out = []
     for entry in os.scandir(root):
-        if not entry.is_dir(follow_symlinks=False) or skip(entry.name):
+        if not entry.is_dir(follow_symlinks=False) or is_state(entry.name):
             continue
         size, newest = 0, entry.stat(follow_symlinks=False).st_mtime
         for folder, _, files in os.walk(entry.path):
@@ -68,14 +70,13 @@ def local_checkpoints(root: str, skip: Callable[[str], bool], committed: Callabl
     return out
 
 
-def relieve(root: str, min_free: int, skip: Callable[[str], bool], committed: Callable[[str], bool]) -> list[str]:
+def relieve(root: str, min_free: int, committed: Callable[[str], bool]) -> list[str]:
     """Remove what `victims` picks; return the names removed (blocking: use a thread)."""
-    st = os.statvfs(root)
-    free = st.f_bavail * st.f_frsize
+    free = free_bytes(root)
     if free >= min_free:
         return []
     removed = []
-    for name in victims(local_checkpoints(root, skip, committed), free, min_free):
+    for name in victims(local_checkpoints(root, committed), free, min_free):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(name)
         log.info("local checkpoint removed for disk space", checkpoint=name, free_bytes=free, min_free_bytes=min_free)

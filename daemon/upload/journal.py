@@ -7,12 +7,15 @@ from a crash is ignored. Losing the newest lines only costs a repeated upload, n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from daemon.files import fsync_dir
+from daemon.files import write_atomic
+from daemon.catalog.manifest import StoredFile
 from daemon.upload.complete import Identity
+from daemon.upload.pin import Pin
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,10 @@ class Stored:
     sha256: str
     key: str
     etag: str
+
+    def file(self) -> StoredFile:
+        """As the checkpoint's manifest lists it."""
+        return StoredFile(self.relpath, self.identity.size, self.sha256, self.key, self.etag)
 
 
 @dataclass(frozen=True)
@@ -97,14 +104,8 @@ class Journal:
         return self.state
 
     def compact(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in self.state.records():
-                f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        lines = "".join(_line(record) for record in self.state.records())
+        write_atomic(self.path, lines.encode())
         if self._file:
             self._file.close()
         # Line-buffered: each record reaches the OS at once, so a killed process loses nothing;
@@ -113,33 +114,51 @@ class Journal:
 
     def record(self, op: str, value: object | None = None, **fields: object) -> None:
         record = {"op": op, **(asdict(value) if value is not None else {}), **fields}
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.write(_line(record))
         self.state.apply(dict(record))
         self._unsynced += 1
 
-    def flush(self) -> int | None:
-        """Hand buffered records to the OS; return the descriptor to fsync, or None if none are new.
+    async def sync(self) -> None:
+        """Make every record so far durable (group commit: one fsync for many records).
 
-        For callers on an event loop: flush here, fsync the descriptor in a thread.
+        For the event loop: the records are already with the OS; only the fsync, which can take
+        as long as the disk wants, runs in a thread, on its own descriptor so that a journal
+        compacted or closed meanwhile cannot have the number reused under it.
         """
         if not self._file or not self._unsynced:
-            return None
+            return
         self._file.flush()
         self._unsynced = 0
-        return self._file.fileno()
+        await asyncio.to_thread(_fsync_and_close, os.dup(self._file.fileno()))
 
-    def sync(self) -> None:
-        """Make every record so far durable (group commit: one fsync for many records)."""
+    def _sync_now(self) -> None:
         if self._file and self._unsynced:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._unsynced = 0
 
     def close(self) -> None:
+        """Blocking (a thread): sync, compact, close."""
         if self._file:
-            self.sync()
+            self._sync_now()
             self.compact()
             self._file.close()
             self._file = None
 
 
+def release(journal: Journal, pin: Pin) -> None:
+    """Let go of a pin; journal it when that removed its staging link (no other job holds it)."""
+    stage = pin.stage
+    if pin.release():
+        journal.record("unpinned", stage=stage)
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -8,26 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import structlog
 
 from daemon import metrics
 from daemon.catalog import jobmeta
-from daemon.upload.commit import CheckpointTracker
-from daemon.config import Config
 from daemon.catalog.manifest import build_manifest, write_manifest
-from daemon.storage.retry import retrying
+from daemon.config import Config
 from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
+from daemon.upload.commit import CheckpointTracker
+from daemon.upload.health import StoreHealth
 
 log = structlog.get_logger()
 
 
 class Publisher:
-    def __init__(self, config: Config, storage: Storage, tracker: CheckpointTracker,
-                 deadline: Callable[[], float | None],
-                 observe: Callable[[StorageError | None], None] | None = None) -> None:  # fmt: skip
-        self.c, self.storage, self.tracker, self.deadline, self.observe = config, storage, tracker, deadline, observe
+    def __init__(
+        self, config: Config, storage: Storage, tracker: CheckpointTracker, deadline: Deadline, health: StoreHealth
+    ) -> None:
+        self.c, self.storage, self.tracker, self.deadline, self.health = config, storage, tracker, deadline, health
         self._wake = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._metadata_lock = asyncio.Lock()
@@ -54,37 +54,41 @@ class Publisher:
                 await self._commit(checkpoint, reason)
 
     async def _commit(self, checkpoint: str, reason: str) -> None:
-        files = self.tracker.files(checkpoint)
-        manifest = build_manifest(self.c.project, self.c.job_id, self.c.node_rank, checkpoint, files, reason,
-                                  self.tracker.metrics(checkpoint))  # fmt: skip
+        c, files = self.c, self.tracker.files(checkpoint)
+        manifest = build_manifest(
+            c.project, c.job_id, c.node_rank, checkpoint, files, reason, self.tracker.metrics(checkpoint)
+        )
         try:
-            await retrying(lambda: write_manifest(self.storage, manifest), deadline=self.deadline,
-                           observe=self.observe)
+            stored = await self._retrying(lambda: write_manifest(self.storage, manifest))
         except StorageError as e:
             log.error("commit failed", checkpoint=checkpoint, code=e.code, error=e.message)
             return
-        if not self.tracker.committed(checkpoint, time.monotonic()):
+        step, committed_at = stored["step"], stored["committed_at"]
+        if not self.tracker.committed(checkpoint, time.monotonic(), step=step, committed_at=committed_at):
             return  # a file changed while the manifest was written: it comes due again
         metrics.COMMITTED.inc()
         metrics.LAST_COMMIT_TIME.set(time.time())
-        if manifest.get("step") is not None:
-            metrics.LAST_COMMITTED_STEP.set(manifest["step"])
+        if step is not None:
+            metrics.LAST_COMMITTED_STEP.set(step)
         log.info("checkpoint committed", checkpoint=checkpoint, reason=reason, files=len(files),
-                 bytes=manifest["total_bytes"], step=manifest.get("step"))  # fmt: skip
+                 bytes=manifest["total_bytes"], step=step)  # fmt: skip
 
-    async def job_status(self, status: str, exit_code: int | None, **extra: object) -> StorageError | None:
-        """Write job metadata and this rank's status; return the error if it could not be written."""
-        c = self.c
-        last = self.tracker.last_commit
+    async def job_status(self, status: str, exit_code: int | None, **extra: object) -> None:
+        """Write job metadata and this rank's status; a failure is logged and told to the store's health."""
+        c, last = self.c, self.tracker.last_commit
+        last_commit = None if last is None else {
+            "checkpoint": last.checkpoint, "step": last.step, "committed_at": last.committed_at,
+        }  # fmt: skip
         async with self._metadata_lock:
             try:
-                await retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size),
-                               deadline=self.deadline, observe=self.observe)  # fmt: skip
-                await retrying(lambda: jobmeta.write_rank_status(
+                await self._retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size))
+                await self._retrying(lambda: jobmeta.write_rank_status(
                     self.storage, c.project, c.job_id, c.node_rank, status=status, exit_code=exit_code,
-                    last_commit={"checkpoint": last.checkpoint, "reason": last.reason} if last else None, **extra,
-                ), deadline=self.deadline, observe=self.observe)  # fmt: skip
+                    last_commit=last_commit, **extra,
+                ))  # fmt: skip
             except StorageError as e:
                 log.error("job metadata not written", code=e.code, error=e.message, status=status)
-                return e
-        return None
+                self.health.failed(e)
+
+    async def _retrying(self, call):  # noqa: ANN001, ANN202 - a coroutine factory and what it returns
+        return await retrying(call, deadline=self.deadline, observe=self.health.observe)

@@ -1,113 +1,119 @@
 """Start-up recovery: pick up where a crashed or earlier run of this rank left off.
 
-- pins left in staging are uploaded (they may be the only copy of a rotated file);
+- pins left in staging are handed back to be uploaded (they may be the only copy of a rotated file);
 - incomplete multipart uploads of this rank that the journal cannot resume are aborted;
 - a new pod of the same job (no journal) reconciles with the manifests already in the store
   instead of uploading everything again.
+
+`recover` takes its collaborators and returns what it found; the engine decides what to do with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from daemon.catalog import layout
-from daemon.upload import journal as jr
-from daemon.upload.commit import StoredFile
-from daemon.upload.complete import Identity
 from daemon.catalog.manifest import read_manifests
-from daemon.upload.pin import adopt
-from daemon.upload.queue import Job
-from daemon.storage import StorageError
-
-if TYPE_CHECKING:
-    from daemon.upload.engine import Engine
+from daemon.files import sha256_path
+from daemon.storage import Storage, StorageError
+from daemon.upload import journal as jr
+from daemon.upload.complete import Identity
+from daemon.upload.health import StoreHealth
+from daemon.upload.pin import Pin, Staging
 
 log = structlog.get_logger()
 
 
-async def recover(engine: Engine) -> None:
-    _adopt_pins(engine)
+@dataclass
+class Recovered:
+    pins: list[Pin] = field(default_factory=list)  # adopted from staging: upload them
+    committed: list[str] = field(default_factory=list)  # checkpoints a stored manifest covers as they are
+    reconciled: int = 0  # local files a stored manifest already held byte for byte
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Whose uploads these are: the store's files and manifests of one rank of one job."""
+
+    project: str
+    job_id: str
+    rank: int
+
+
+async def recover(
+    *, root: str, journal: jr.Journal, staging: Staging, storage: Storage, health: StoreHealth, rank: Rank
+) -> Recovered:
+    found = Recovered(pins=_adopt_pins(journal, staging))
     try:
-        await _clean_multipart(engine)
-        manifests = await read_manifests(engine.storage, engine.c.project, engine.c.job_id, engine.c.node_rank)
-        engine.observe(None)
+        await _clean_multipart(root, journal, storage, rank, {p.relpath for p in found.pins})
+        manifests = await read_manifests(storage, rank.project, rank.job_id, rank.rank)
+        health.observe(None)
     except StorageError as e:
         # Not fatal: the trainer must not wait on the store. Uploads will retry or report.
-        engine.observe(e)
-        engine.permanent_error = None if e.transient else e
-        log.error("storage not usable at start", storage=engine.storage.url, code=e.code, error=e.message)
+        health.observe(e)
+        health.failed(e)
+        log.error("storage not usable at start", storage=storage.url, code=e.code, error=e.message)
         manifests = []
-    if not engine.journal.state.stored and manifests:
-        await asyncio.to_thread(_reconcile, engine, manifests)
-    _load_commits(engine, manifests)
+    if not journal.state.stored and manifests:
+        found.reconciled = await asyncio.to_thread(_reconcile, root, journal, manifests)
+    found.committed = _already_committed(journal.state.stored, manifests)
+    return found
 
 
-def _adopt_pins(engine: Engine) -> None:
-    state = engine.journal.state
-    for stage, pinned in list(state.pinned.items()):
-        pin = adopt(pinned.relpath, stage, engine.staging)
+def _adopt_pins(journal: jr.Journal, staging: Staging) -> list[Pin]:
+    pins = []
+    for stage, pinned in list(journal.state.pinned.items()):
+        pin = staging.adopt(pinned.relpath, stage)
         if pin is None:
-            engine.journal.record("unpinned", stage=stage)
-            continue
-        engine.tracker.noticed(pin.relpath, time.monotonic())
-        engine.queue.put(Job(pin, engine.key(pin.relpath)))
-    for name in os.listdir(engine.staging):
-        if name not in state.pinned:  # linked, then crashed before the journal line was written
-            os.unlink(os.path.join(engine.staging, name))
+            journal.record("unpinned", stage=stage)
+        else:
+            pins.append(pin)
+    for name in staging.names():
+        if name not in journal.state.pinned:  # linked, then crashed before the journal line was written
+            os.unlink(staging.path(name))
+    return pins
 
 
-async def _clean_multipart(engine: Engine) -> None:
-    c = engine.c
-    mine = engine.journal.state.multipart
+async def _clean_multipart(root: str, journal: jr.Journal, storage: Storage, rank: Rank, adopted: set[str]) -> None:
+    mine = journal.state.multipart
     resumable = {m.upload_id for m in mine.values()}
-    prefix = layout.rank_prefix(c.project, c.job_id, c.node_rank)
-    for upload in await engine.storage.list_multipart_uploads(prefix):
+    for upload in await storage.list_multipart_uploads(layout.rank_prefix(rank.project, rank.job_id, rank.rank)):
         if upload.upload_id not in resumable:
-            await engine.storage.abort_multipart(upload.key, upload.upload_id)
+            await storage.abort_multipart(upload.key, upload.upload_id)
             log.info("stale multipart upload aborted", key=upload.key)
     for relpath, m in list(mine.items()):
-        if not os.path.exists(os.path.join(engine.root, relpath)) and not engine.queue.queued(relpath):
-            await engine.storage.abort_multipart(m.key, m.upload_id)
-            engine.journal.record("multipart_done", relpath=relpath)
+        if not os.path.exists(os.path.join(root, relpath)) and relpath not in adopted:
+            await storage.abort_multipart(m.key, m.upload_id)
+            journal.record("multipart_done", relpath=relpath)
 
 
-def _reconcile(engine: Engine, manifests: list[dict]) -> None:
+def _reconcile(root: str, journal: jr.Journal, manifests: list[dict[str, Any]]) -> int:
     """Record as stored every local file a committed manifest already holds, byte for byte."""
     adopted = 0
     for manifest in manifests:
         for f in manifest["files"]:
-            path = os.path.join(engine.root, f["path"])
+            path = os.path.join(root, f["path"])
             identity = Identity.stat(path)
-            if identity is None or identity.size != f["size"] or _sha256(path) != f["sha256"]:
+            if identity is None or identity.size != f["size"] or sha256_path(path) != f["sha256"]:
                 continue
-            engine.journal.record("stored", jr.Stored(f["path"], identity, f["sha256"], f["key"], f["etag"]))
+            journal.record("stored", jr.Stored(f["path"], identity, f["sha256"], f["key"], f["etag"]))
             adopted += 1
     if adopted:
         log.info("reconciled with stored manifests", files=adopted)
+    return adopted
 
 
-def _load_commits(engine: Engine, manifests: list[dict]) -> None:
-    """Tell the tracker what is stored and which checkpoints are already committed as they are."""
-    now = time.monotonic()
-    for s in engine.journal.state.stored.values():
-        engine.tracker.stored(StoredFile(s.relpath, s.identity.size, s.sha256, s.key, s.etag), now)
-    stored = engine.journal.state.stored
+def _already_committed(stored: dict[str, jr.Stored], manifests: list[dict[str, Any]]) -> list[str]:
+    """Checkpoints whose stored manifest lists exactly the versions the journal says are stored."""
+    committed = []
     for manifest in manifests:
         listed = {f["path"]: f["sha256"] for f in manifest["files"]}
         mine = {r: s.sha256 for r, s in stored.items() if layout.checkpoint_of(r) == manifest["checkpoint"]}
         if mine and all(listed.get(r) == sha for r, sha in mine.items()):
-            engine.tracker.already_committed(manifest["checkpoint"])
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            committed.append(manifest["checkpoint"])
+    return committed

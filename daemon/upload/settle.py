@@ -17,7 +17,7 @@ import structlog
 
 from daemon.catalog import layout
 from daemon.upload.complete import Identity, Verdict, files_open_for_write, is_ignored, judge
-from daemon.upload.pin import Pin, pin
+from daemon.upload.pin import Pin, Staging
 
 log = structlog.get_logger()
 
@@ -35,7 +35,7 @@ class Candidate:
 
 
 class Settler:
-    def __init__(self, root: str, staging: str, settle: float, ignore: tuple[str, ...],
+    def __init__(self, root: str, staging: Staging, settle: float, ignore: tuple[str, ...],
                  on_notice: Callable[[str], None], on_complete: Callable[[Pin], None],
                  on_skip: Callable[[str, str], None]) -> None:  # fmt: skip
         self.root, self.staging, self.settle, self.ignore = root, staging, settle, ignore
@@ -51,7 +51,7 @@ class Settler:
             relpath = layout.relpath_of(self.root, path)
         except layout.UnsafePath:
             return None
-        return None if is_ignored(relpath, self.ignore) else pin(path, relpath, self.staging)
+        return None if is_ignored(relpath, self.ignore) else self.staging.pin(path, relpath)
 
     def notice(self, path: str, closed: bool, early: Pin | None = None) -> None:
         """A hint that `path` may be complete (called on the event loop), maybe already pinned."""
@@ -77,7 +77,7 @@ class Settler:
         if early is not None:
             self._adopt(c, early)
         elif c.closed and c.pin is None:
-            c.pin = pin(path, relpath, self.staging)
+            c.pin = self.staging.pin(path, relpath)
         self._wake.set()
 
     @staticmethod
@@ -145,7 +145,7 @@ class Settler:
         if on_path is not None and (on_path.dev, on_path.ino) != (current.dev, current.ino):
             # Replaced by a rename over it: this version is superseded by the file now there.
             c.pin.release()
-            c.pin = pin(c.path, c.relpath, self.staging) if c.closed else None
+            c.pin = self.staging.pin(c.path, c.relpath) if c.closed else None
             return on_path
         return current
 
@@ -156,7 +156,7 @@ class Settler:
         if current != c.identity:
             c.identity, c.since = current, now
         c.writing = bool(current and not c.closed and writers and (current.dev, current.ino) in writers)
-        verdict = judge(ignored=False, before=c.identity, now=current, open_for_write=c.writing,
+        verdict = judge(before=c.identity, now=current, open_for_write=c.writing,
                         quiet_for=now - c.since, settle=self.settle)  # fmt: skip
         if verdict is Verdict.WAIT:
             # A file held open may stay so for minutes: look again at a pace that keeps /proc cheap.
@@ -169,7 +169,7 @@ class Settler:
             self.on_skip(c.relpath, "vanished")
             return
         if c.pin is None:
-            c.pin = pin(c.path, c.relpath, self.staging)
+            c.pin = self.staging.pin(c.path, c.relpath)
             if c.pin is None or c.pin.identity != current:
                 if c.pin:
                     c.pin.release()

@@ -1,55 +1,60 @@
-"""Read-only views of a running engine: GET /status, and the gauges computed when scraped."""
+"""Read-only views of the uploader: its part of GET /status and /readyz, and the scraped backlog.
+
+Built from the components it reports on, passed in explicitly; the status server sees only the
+small protocol it needs (`not_ready`, `status`), never the engine.
+"""
 
 from __future__ import annotations
 
-import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
-from daemon import metrics
+from daemon.files import free_bytes
+from daemon.metrics import Backlog
+from daemon.storage.retry import Deadline
+from daemon.upload.commit import CheckpointTracker
+from daemon.upload.detect import Detector
+from daemon.upload.health import StoreHealth
+from daemon.upload.queue import UploadQueue
+from daemon.upload.settle import Settler
+from daemon.upload.worker import Uploader
 
-if TYPE_CHECKING:
-    from daemon.upload.engine import Engine
-
-
-def free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def pending(engine: Engine) -> dict:
-    """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
-    jobs = [*engine.queue.jobs(), *(job for job, _ in engine.failed.values())]
-    now = time.monotonic()
-    return {"pending_files": len(jobs), "pending_bytes": sum(j.size for j in jobs),
-            "oldest_pending_age_seconds": max((now - j.complete_at for j in jobs), default=0.0)}  # fmt: skip
+LISTED = 20  # a status page, not a dump
 
 
-def register_gauges(engine: Engine) -> None:
-    # Computed when scraped, from the queue itself: nothing to keep in step, nothing to drift.
-    metrics.PENDING_FILES.set_function(lambda: pending(engine)["pending_files"])
-    metrics.PENDING_BYTES.set_function(lambda: pending(engine)["pending_bytes"])
-    metrics.OLDEST_PENDING_AGE.set_function(lambda: pending(engine)["oldest_pending_age_seconds"])
-    metrics.CHECKPOINT_DIR_FREE.set_function(lambda: free_bytes(engine.root))
+class UploadStatus:
+    def __init__(self, *, root: str, storage_url: str, queue: UploadQueue, settler: Settler,
+                 tracker: CheckpointTracker, uploader: Uploader, health: StoreHealth, detector: Detector,
+                 deadline: Deadline) -> None:  # fmt: skip
+        self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
+        self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
 
+    def backlog(self) -> Backlog:
+        """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
+        jobs, now = self.queue.pending(), time.monotonic()
+        return Backlog(len(jobs), sum(j.size for j in jobs), max((now - j.complete_at for j in jobs), default=0.0),
+                       free_bytes(self.root))  # fmt: skip
 
-def status(engine: Engine) -> dict:
-    """The engine's part of GET /status (lists bounded: a status page, not a dump)."""
-    last = engine.tracker.last_commit
-    detector = engine.detector
-    return {
-        **pending(engine),
-        "in_flight": sorted(engine.queue.in_flight())[:20],
-        "failed": [{"path": p, "code": e.code, "message": e.message[:300]}
-                   for p, (_, e) in list(engine.failed.items())[:20]],  # fmt: skip
-        "still_being_written": engine.settler.still_writing()[:20],
-        "uploaded_files": engine.stored_count,
-        "last_errors": list(engine.recent_errors),
-        "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,
-        "uncommitted": engine.tracker.uncommitted()[:20],
-        "watch_mode": detector.mode if detector else None,
-        "watch_degraded": detector.degraded_reason if detector else None,
-        "storage": engine.storage.url,
-        "storage_reachable": engine.storage_reachable,
-        "draining": engine.drain_deadline is not None,
-    }
+    def not_ready(self) -> list[str]:
+        return self.health.not_ready()
+
+    def status(self) -> dict[str, Any]:
+        backlog, last = self.backlog(), self.tracker.last_commit
+        return {
+            "pending_files": backlog.files,
+            "pending_bytes": backlog.bytes,
+            "oldest_pending_age_seconds": backlog.oldest_age,
+            "in_flight": sorted(self.queue.in_flight())[:LISTED],
+            "failed": [{"path": job.relpath, "code": e.code, "message": e.message[:300]}
+                       for job, e in self.queue.failures()[:LISTED]],  # fmt: skip
+            "still_being_written": self.settler.still_writing()[:LISTED],
+            "uploaded_files": self.uploader.stored_count,
+            "last_errors": list(self.health.recent),
+            "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,
+            "uncommitted": self.tracker.uncommitted()[:LISTED],
+            "watch_mode": self.detector.mode,
+            "watch_degraded": self.detector.degraded_reason,
+            "storage": self.storage_url,
+            "storage_reachable": self.health.reachable,
+            "draining": self.deadline.is_set,
+        }

@@ -9,25 +9,24 @@ a torn mix of two versions is never recorded as stored. A failed multipart uploa
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from daemon.files import ShortRead, sha256_of
+from daemon.storage import FileRange, Part, Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
 from daemon.upload import journal as jr
 from daemon.upload.complete import Identity
+from daemon.upload.health import StoreHealth
 from daemon.upload.pin import Pin
-from daemon.storage.retry import retrying
-from daemon.storage import FileRange, Part, Storage, StorageError
 from daemon.upload.throttle import Throttle
 
 MiB = 1 << 20
 DEFAULT_PART = 16 * MiB
 MIN_PART = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
-HASH_CHUNK = 4 * MiB
 log = structlog.get_logger()
 
 
@@ -58,8 +57,8 @@ class Transfer:
     throttle: Throttle
     threshold: int
     part_size: int | None
-    deadline: Callable[[], float | None]
-    observe: Callable[[StorageError | None], None] | None = None
+    deadline: Deadline
+    health: StoreHealth
 
     async def upload(self, pin: Pin, key: str) -> jr.Stored:
         fd = pin.open()
@@ -75,7 +74,7 @@ class Transfer:
         size = pin.identity.size
         sha = await asyncio.to_thread(_sha256, fd, size)
         self.throttle.debit(size)
-        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline, observe=self.observe,
+        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline, observe=self.health.observe,
                               context={"path": pin.relpath})  # fmt: skip
         _check_unchanged(fd, pin)
         return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
@@ -93,7 +92,7 @@ class Transfer:
             sha = await hashing
             _check_unchanged(fd, pin)
             etag = await retrying(lambda: self.storage.complete_multipart(key, upload_id, parts),
-                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath})  # fmt: skip
+                                  deadline=self.deadline, observe=self.health.observe, context={"path": pin.relpath})  # fmt: skip
         except BaseException as e:
             hashing.cancel()
             await self._abort(key, upload_id, pin, e)
@@ -116,11 +115,11 @@ class Transfer:
                 return earlier.upload_id, full
         if earlier:
             await self._abort(earlier.key, earlier.upload_id, pin, None)
-        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline, observe=self.observe,
+        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline, observe=self.health.observe,
                                    context={"path": pin.relpath})  # fmt: skip
         part_size = part_size_for(pin.identity.size, self.part_size)
         self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
-        self.journal.sync()  # a crash from here on must find this upload to resume or abort it
+        await self.journal.sync()  # a crash from here on must find this upload to resume or abort it
         return upload_id, {}
 
     async def _part(self, fd: int, key: str, upload_id: str, number: int, part_size: int, size: int,
@@ -130,7 +129,7 @@ class Transfer:
         async with self.parts:
             await self.throttle.take(body.size)
             part = await retrying(lambda: self.storage.upload_part(key, upload_id, number, body),
-                                  deadline=self.deadline, observe=self.observe, context={"path": pin.relpath, "part": number})  # fmt: skip
+                                  deadline=self.deadline, observe=self.health.observe, context={"path": pin.relpath, "part": number})  # fmt: skip
         _drop_cache(fd, offset, body.size)
         return part
 
@@ -148,15 +147,10 @@ class Transfer:
 
 
 def _sha256(fd: int, size: int) -> str:
-    h = hashlib.sha256()
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(HASH_CHUNK, size - offset), offset)
-        if not chunk:
-            raise Changed(f"file shrank while hashing at {offset} of {size} bytes")
-        h.update(chunk)
-        offset += len(chunk)
-    return h.hexdigest()
+    try:
+        return sha256_of(fd, size)
+    except ShortRead as e:
+        raise Changed(f"file shrank while hashing: {e}") from None
 
 
 def _check_unchanged(fd: int, pin: Pin) -> None:

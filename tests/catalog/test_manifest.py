@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.catalog import layout
-from daemon.upload.commit import StoredFile
+from daemon.catalog.jsonio import json_bytes
 from daemon.catalog.manifest import (
+    StoredFile,
     build_manifest,
     latest_manifest,
     recency,
-    manifest_bytes,
     metrics_from_trainer_state,
     parse_manifest,
     parse_step,
@@ -124,7 +124,7 @@ def test_build_manifest_lists_files_sorted_with_totals():
     ]
     assert m["committed_at"] == "2026-01-02T03:04:05+00:00"
     assert m["metrics"] == {"eval_loss": 0.5, "bad": None}
-    assert parse_manifest(manifest_bytes(m)) == m
+    assert parse_manifest(json_bytes(m)) == m
 
 
 def test_build_manifest_step_falls_back_to_the_trainer_state():
@@ -144,10 +144,10 @@ def test_build_manifest_refuses_foreign_or_duplicate_files(files):
         build_manifest("p", "j", 0, "c", files, "marker", {})
 
 
-def test_manifest_bytes_are_stable_sorted_utf8():
+def test_json_bytes_are_stable_sorted_utf8():
     m = manifest("检查点-7", T0, "模型.bin")
-    data = manifest_bytes(m)
-    assert data == manifest_bytes(copy.deepcopy(m))
+    data = json_bytes(m)
+    assert data == json_bytes(copy.deepcopy(m))
     assert "检查点-7".encode() in data
     assert list(json.loads(data)) == sorted(m)
 
@@ -192,7 +192,7 @@ def _mutate(path: str, value: object) -> dict:
 )
 def test_parse_manifest_says_what_is_wrong(path, value, message):
     with pytest.raises(ValueError, match=message):
-        parse_manifest(manifest_bytes(_mutate(path, value)))
+        parse_manifest(json_bytes(_mutate(path, value)))
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff", b"[]", b'"manifest"'])
@@ -238,8 +238,10 @@ async def test_latest_breaks_ties_by_step(store):
 
 
 async def test_recommit_of_unchanged_files_keeps_the_commit_time(store):
-    key = await write_manifest(store, manifest("checkpoint-1", T0, "a"))
-    await write_manifest(store, manifest("checkpoint-1", T0 + timedelta(hours=1), "a"))
+    first = await write_manifest(store, manifest("checkpoint-1", T0, "a"))
+    key = layout.manifest_key("proj", "job", 0, "checkpoint-1")
+    kept = await write_manifest(store, manifest("checkpoint-1", T0 + timedelta(hours=1), "a"))
+    assert kept == first  # what the store holds is returned
     assert parse_manifest(await store.get(key))["committed_at"] == T0.isoformat()
     await write_manifest(store, manifest("checkpoint-1", T0 + timedelta(hours=2), "a", "b"))
     assert parse_manifest(await store.get(key))["file_count"] == 2
@@ -250,10 +252,11 @@ async def test_damaged_or_misplaced_manifests_are_skipped(store):
     await write_manifest(store, good)
     await write_manifest(store, manifest("checkpoint-2", T0 + timedelta(hours=1)))
     await store.put(layout.manifest_key("proj", "job", 0, "checkpoint-2"), b'{"format": 1, "files": "truncat')
-    await store.put(layout.manifest_key("proj", "job", 0, "checkpoint-3"), manifest_bytes(good))
+    await store.put(layout.manifest_key("proj", "job", 0, "checkpoint-3"), json_bytes(good))
     await store.put(layout.manifest_prefix("proj", "job", 0) + "notes.txt", b"not a manifest")
     assert await read_manifests(store, "proj", "job", 0) == [good]
     assert await latest_manifest(store, "proj", "job", 0) == good
     # A damaged manifest is replaced by the next commit rather than blocking it.
-    fixed = await write_manifest(store, manifest("checkpoint-2", T0))
+    await write_manifest(store, manifest("checkpoint-2", T0))
+    fixed = layout.manifest_key("proj", "job", 0, "checkpoint-2")
     assert parse_manifest(await store.get(fixed))["checkpoint"] == "checkpoint-2"

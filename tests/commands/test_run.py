@@ -97,6 +97,17 @@ def test_a_job_stores_everything_and_the_next_resumes_from_the_latest(job, s3_bu
     assert found["files"] == of_checkpoint(written, "checkpoint-3")
 
 
+def test_rank_status_records_the_last_commit_step_and_time(job, moto_bucket):
+    """The stored status/rank-N.json says which checkpoint was committed last, at which step and when:
+    the publisher and the job metadata agree on its shape (it used to store nulls)."""
+    a = job(moto_bucket, "job-lc", trainer={"TRAINER_STEPS": "3"})
+    assert a.daemon.wait() == 0, a.daemon.tail()
+    last = rank_status(moto_bucket, "job-lc")["last_commit"]
+    committed = manifests(moto_bucket, "job-lc")
+    assert last["checkpoint"] in committed and last["step"] == int(last["checkpoint"].split("-")[1])
+    assert last["committed_at"] == committed[last["checkpoint"]]["committed_at"]
+
+
 def test_named_checkpoint_and_latest_of_a_job(job, moto_bucket):
     a = job(moto_bucket, "job-a", trainer={"TRAINER_STEPS": "3"})
     assert a.daemon.wait() == 0, a.daemon.tail()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.catalog import layout
-from daemon.upload.commit import StoredFile
+from daemon.catalog.manifest import StoredFile
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.catalog.jobmeta import ensure_job
 from daemon.catalog.manifest import build_manifest, write_manifest

@@ -18,7 +18,7 @@ from daemon.restore import restorer as restore_mod
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore.resolve import Resolved
 from daemon.storage import StorageError
-from daemon.restore.restorer import MiB, PART_SUFFIX, SUMMARY, RestoreConflict, RestoreFailed, plan, restore
+from daemon.restore.restorer import MiB, PART_SUFFIX, SUMMARY, RestoreConflict, RestoreFailed, restore
 
 CHUNK = MiB
 

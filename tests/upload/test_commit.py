@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.upload.commit import CheckpointTracker, StoredFile, expects_marker, should_commit
+from daemon.catalog.manifest import StoredFile
+from daemon.config.schema import DEFAULT_MARKERS
+from daemon.upload.commit import CheckpointTracker, expects_marker, is_marker, should_commit
 
 QUIET = 30.0
 
@@ -22,7 +24,7 @@ def write(tracker: CheckpointTracker, now: float, *relpaths: str) -> None:
 
 @pytest.fixture
 def tracker() -> CheckpointTracker:
-    return CheckpointTracker(quiet_limit=QUIET)
+    return CheckpointTracker(DEFAULT_MARKERS, QUIET)
 
 
 @pytest.mark.parametrize(
@@ -186,3 +188,9 @@ def test_positional_construction_matches_the_settings():
     tracker = CheckpointTracker(("DONE",), 5.0)
     write(tracker, 0.0, "run/w.bin")
     assert tracker.due(5.0) == [("run", "quiet")]
+
+
+def test_markers_match_the_file_name():
+    assert is_marker("checkpoint-5/trainer_state.json", ("trainer_state.json", ".metadata"))
+    assert is_marker("step-3/.metadata", ("trainer_state.json", ".metadata"))
+    assert not is_marker("checkpoint-5/trainer_state.json.tmp", ("trainer_state.json",))

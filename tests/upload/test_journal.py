@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from daemon.upload.complete import Identity
 from daemon.upload.journal import Journal, Multipart, Pinned, Stored
 
 ID = Identity(1, 2, 3, 4)
 
 
-def test_replay_after_restart_and_torn_line(tmp_path):
+async def test_replay_after_restart_and_torn_line(tmp_path):
     path = str(tmp_path / "state" / "journal.jsonl")
     j = Journal(path)
     j.open()
@@ -17,7 +19,7 @@ def test_replay_after_restart_and_torn_line(tmp_path):
     j.record("pinned", Pinned("ckpt-1/c.bin", ID, "2-4-3"))
     j.record("multipart_done", relpath="ckpt-1/big.bin")
     j.record("multipart", Multipart("ckpt-2/big.bin", ID, "k/big2", "upload-2", 16 << 20))
-    j.sync()
+    await j.sync()
     with open(path, "a") as f:
         f.write('{"op":"stored","relpath":"torn')  # a crash in the middle of a line
 
@@ -38,4 +40,4 @@ def test_close_compacts(tmp_path):
     j.close()
     lines = open(path).read().splitlines()
     assert len(lines) == 1 and '"kept"' in lines[0]
-    assert not (tmp_path / "journal.jsonl.tmp").exists()
+    assert os.listdir(tmp_path) == ["journal.jsonl"]  # no temporary file left behind

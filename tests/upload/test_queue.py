@@ -10,7 +10,7 @@ from daemon.upload.queue import LARGE, SMALL, Job, UploadQueue
 
 
 def job(relpath: str, size: int) -> Job:
-    return Job(Pin(relpath, Identity(1, hash(relpath) & 0xFFFF, size, 1), None, None, "/nonexistent"), relpath)
+    return Job(Pin(relpath, Identity(1, hash(relpath) & 0xFFFF, size, 1), None, None), relpath)
 
 
 async def test_small_files_have_their_own_lane():

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+
 import pytest
 
 from daemon.storage.retry import backoff, should_retry
 from daemon.storage import StorageError
-from daemon.upload.transfer import MAX_PARTS, part_size_for
+from daemon.storage.local import LocalStorage
+from daemon.storage.retry import Deadline
+from daemon.upload.health import StoreHealth
+from daemon.upload.journal import Journal
+from daemon.upload.pin import Staging
+from daemon.upload.throttle import Throttle
+from daemon.upload.transfer import MAX_PARTS, MiB, Transfer, part_size_for
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
@@ -45,3 +55,30 @@ def test_backoff_table(attempt, rand, delay):
 )
 def test_should_retry_table(code, deadline, retry):
     assert should_retry(StorageError("put", "k", code, "m"), 1.0, 10.0, deadline) is retry
+
+
+async def test_starting_a_multipart_upload_never_fsyncs_on_the_event_loop(tmp_path, monkeypatch):
+    """The journal records the new upload durably before any part is sent, and the fsync that takes
+    runs in a thread: the loop that serves /healthz and every other upload must not wait on the disk."""
+    loop_thread = threading.get_ident()
+    on_loop: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    journal = Journal(str(tmp_path / "state" / "journal.jsonl"))
+    await asyncio.to_thread(journal.open)
+    (tmp_path / "staging").mkdir()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(12 * MiB))
+    pin = Staging(str(tmp_path / "staging")).pin(str(big), "big.bin")
+    transfer = Transfer(LocalStorage(str(tmp_path / "store")), journal, asyncio.Semaphore(2), Throttle(0),
+                        threshold=5 * MiB, part_size=5 * MiB, deadline=Deadline(), health=StoreHealth())  # fmt: skip
+    stored = await transfer.upload(pin, "k/big.bin")
+    assert stored.identity.size == 12 * MiB
+    assert on_loop == []
+    assert (tmp_path / "store" / "k" / "big.bin").read_bytes() == big.read_bytes()

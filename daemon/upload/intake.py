@@ -1,0 +1,87 @@
+"""Detected → complete → queued: hints go to the settler; what it judges complete is queued, unless
+this very version is already stored or on its way; reconciliation scans find what hints missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+
+from daemon import metrics
+from daemon.catalog import layout
+from daemon.upload import journal as jr
+from daemon.upload.commit import CheckpointTracker
+from daemon.upload.complete import Identity
+from daemon.upload.pin import Pin, Staging
+from daemon.upload.queue import Job, UploadQueue
+from daemon.upload.scan import scan
+from daemon.upload.settle import Settler
+from daemon.upload.statedir import is_state
+
+
+class Intake:
+    def __init__(self, *, root: str, staging: Staging, journal: jr.Journal, queue: UploadQueue,
+                 tracker: CheckpointTracker, settle: float, ignore: tuple[str, ...],
+                 key_of: Callable[[str], str]) -> None:  # fmt: skip
+        self.root, self.journal, self.queue, self.tracker, self.key_of = root, journal, queue, tracker, key_of
+        self.settler = Settler(root, staging, settle, ignore, self._noticed, self._complete, self._skip)
+
+    def renotice(self, relpath: str) -> None:
+        """A file changed under its upload: settle it again as new."""
+        self.settler.notice(os.path.join(self.root, relpath), False)
+
+    def _noticed(self, relpath: str) -> None:
+        """A new candidate: its checkpoint must not commit before it is stored or dropped."""
+        self.tracker.noticed(relpath, time.monotonic())
+
+    def _complete(self, pin: Pin) -> None:
+        """Settler verdict COMPLETE: skip if this very version is stored or uploading, else queue it."""
+        key = self.key_of(pin.relpath)
+        known = self.journal.state.stored.get(pin.relpath)
+        if known and known.identity == pin.identity and known.key == key:
+            pin.release()
+            metrics.FILES_SKIPPED.labels(reason="unchanged").inc()
+            self.tracker.stored(known.file(), time.monotonic())
+            return
+        uploading = self.queue.uploading(pin.relpath)
+        if uploading is not None and uploading.pin.identity == pin.identity:
+            jr.release(self.journal, pin)  # this very version is on its way (noticed again, e.g. by polling)
+            return
+        self.tracker.noticed(pin.relpath, time.monotonic())
+        if pin.stage:
+            self.journal.record("pinned", jr.Pinned(pin.relpath, pin.identity, pin.stage))
+        replaced = self.queue.put(Job(pin, key))
+        if replaced:
+            jr.release(self.journal, replaced.pin)
+
+    def _skip(self, relpath: str, reason: str) -> None:
+        metrics.FILES_SKIPPED.labels(reason=reason).inc()
+        if reason == "vanished":
+            self.tracker.dropped(relpath, time.monotonic())
+
+    async def rescan(self, retry_failed: bool = True) -> None:
+        """Reconcile with the folder: inotify is a hint, this is the truth."""
+        for path in await asyncio.to_thread(self._changed):
+            try:
+                relpath = layout.relpath_of(self.root, path)
+            except layout.UnsafePath:
+                self.settler.notice(path, False)  # it logs and counts the unstorable name
+                continue
+            if relpath in self.settler.candidates or self.queue.known(relpath):
+                continue
+            metrics.RESCAN_FOUND.inc()
+            self.settler.notice(path, False)
+        if retry_failed:
+            self.queue.retry_failed()
+
+    def _changed(self) -> list[str]:
+        """Files whose current version is not the stored one (runs in a thread)."""
+        stored = self.journal.state.stored
+        out = []
+        for path in scan(self.root, skip_dir=is_state):
+            known = stored.get(os.path.relpath(path, self.root))
+            if known is None or Identity.stat(path) != known.identity:
+                out.append(path)
+        return out
