@@ -20,10 +20,14 @@ from daemon.config.schema import COMMON, RESTORE, SERVE, STORAGE, SUPERVISE, UPL
 
 # command: (groups of setting flags it takes, one-line help)
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "run": ((COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE),
-            "entrypoint: restore, launch the start commands (or CMD after --), upload alongside, drain, exit"),
-    "watch": ((COMMON, STORAGE, UPLOAD, SERVE),
-              "sidecar: upload completed files until SIGTERM/SIGINT or --exit-when, then drain and exit"),
+    "run": (
+        (COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE),
+        "entrypoint: restore, launch the start commands (or CMD after --), upload alongside, drain, exit",
+    ),
+    "watch": (
+        (COMMON, STORAGE, UPLOAD, SERVE),
+        "sidecar: upload completed files until SIGTERM/SIGINT or --exit-when, then drain and exit",
+    ),
     "restore": ((COMMON, STORAGE, RESTORE), "init container: restore the configured checkpoints, then exit"),
     "ls": ((COMMON, STORAGE), "browse projects, jobs, checkpoints and files"),
     "inspect": ((COMMON, STORAGE), "tensor summary of a stored .safetensors file (header only)"),
@@ -31,7 +35,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "download": ((COMMON, STORAGE), "fetch stored files matching wildcards into a folder"),
     "prune": ((COMMON, STORAGE), "delete old checkpoints by retention rules (dry run unless --yes)"),
     "version": ((), "print the version"),
-}  # fmt: skip
+}
 
 EPILOG = """\
 Settings: command-line flag > environment > config file (--config or $CKPTD_CONFIG, YAML or JSON)
@@ -42,8 +46,12 @@ Run 'ckptd COMMAND --help' for a command's settings."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptd", description="Checkpoint daemon for training jobs.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Checkpoint daemon for training jobs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, (groups, help_text) in COMMANDS.items():
@@ -65,10 +73,21 @@ def _add_setting_flags(p: argparse.ArgumentParser, groups: Sequence[str]) -> Non
             default = "" if callable(spec.default) or spec.default in (None, ()) else f" (default: {spec.default})"
             flags = [spec.flag, "--job"] if name == "job_id" else [spec.flag]
             if spec.parse.__name__ == "boolean":
-                g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{spec.help}{default}{env}")  # fmt: skip
+                g.add_argument(
+                    *flags,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=f"{spec.help}{default}{env}",
+                )
             else:
-                g.add_argument(*flags, dest=name, metavar=spec.flag.rsplit("-", 1)[-1].upper(), default=None, help=f"{spec.help}{default}{env}")
+                g.add_argument(
+                    *flags,
+                    dest=name,
+                    metavar=spec.flag.rsplit("-", 1)[-1].upper(),
+                    default=None,
+                    help=f"{spec.help}{default}{env}",
+                )
 
 
 def _add_command_arguments(command: str, p: argparse.ArgumentParser) -> None:
@@ -143,6 +162,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exits.CONFIG
     logs.configure(config.log_level, config.log_format)
     if config.storage == default_of(SPECS["storage"], os.environ) and args.command in ("run", "watch", "restore"):
-        logs.get().warning("using the embedded default store: checkpoints stay on this machine",
-                           storage=config.storage)  # fmt: skip
+        logs.get().warning("using the embedded default store: checkpoints stay on this machine", storage=config.storage)
     return HANDLERS[args.command](config, args)

@@ -11,7 +11,9 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # Presigned URLs carry their signature and, with temporary credentials, the session token.
-_PRESIGNED = re.compile(r"(?i)([?&](?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=)[^&\s\"']+")
+_PRESIGNED = re.compile(
+    r"(?i)([?&](?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=)[^&\s\"']+"
+)
 _SECRET_FIELD = re.compile(r"(?i)secret|password|token|credential|authorization|access_key")
 REDACTED = "[redacted]"
 

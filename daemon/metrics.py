@@ -17,23 +17,28 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # Sub-second (small files on a fast store) to an hour (a store down for a while).
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
-INFO = Gauge("ckptd_info", "ckptd build and identity; always 1", ["version", "project", "job_id", "rank"],
-             registry=REGISTRY)  # fmt: skip
-UPLOAD_LAG = Histogram("ckptd_upload_lag_seconds", "Time from a file being complete to it being durably stored",
-                       buckets=LAG_BUCKETS, registry=REGISTRY)  # fmt: skip
+INFO = Gauge(
+    "ckptd_info", "ckptd build and identity; always 1", ["version", "project", "job_id", "rank"], registry=REGISTRY
+)
+UPLOAD_LAG = Histogram(
+    "ckptd_upload_lag_seconds",
+    "Time from a file being complete to it being durably stored",
+    buckets=LAG_BUCKETS,
+    registry=REGISTRY,
+)
 UPLOADED_FILES = Counter("ckptd_uploaded_files", "Files stored", registry=REGISTRY)
 UPLOADED_BYTES = Counter("ckptd_uploaded_bytes", "Bytes stored", registry=REGISTRY)
-UPLOAD_RETRIES = Counter("ckptd_upload_retries", "Storage requests retried, by error code", ["reason"],
-                         registry=REGISTRY)  # fmt: skip
-UPLOAD_FAILURES = Counter("ckptd_upload_failures", "Uploads given up, by error code", ["reason"],
-                          registry=REGISTRY)  # fmt: skip
-FILES_SKIPPED = Counter("ckptd_files_skipped", "Files not uploaded: ignored, unchanged, vanished, ...", ["reason"],
-                        registry=REGISTRY)  # fmt: skip
+UPLOAD_RETRIES = Counter(
+    "ckptd_upload_retries", "Storage requests retried, by error code", ["reason"], registry=REGISTRY
+)
+UPLOAD_FAILURES = Counter("ckptd_upload_failures", "Uploads given up, by error code", ["reason"], registry=REGISTRY)
+FILES_SKIPPED = Counter(
+    "ckptd_files_skipped", "Files not uploaded: ignored, unchanged, vanished, ...", ["reason"], registry=REGISTRY
+)
 RESCAN_FOUND = Counter("ckptd_rescan_found_files", "Files found by a scan, not by an event", registry=REGISTRY)
 COMMITTED = Counter("ckptd_checkpoints_committed", "Checkpoints committed", registry=REGISTRY)
 LAST_COMMIT_TIME = Gauge("ckptd_last_commit_timestamp_seconds", "Unix time of the last commit", registry=REGISTRY)
-LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last committed checkpoint",
-                            registry=REGISTRY)  # fmt: skip
+LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last committed checkpoint", registry=REGISTRY)
 RESTORE_BYTES = Counter("ckptd_restore_bytes", "Bytes restored", registry=REGISTRY)
 RESTORE_FILES = Counter("ckptd_restore_files", "Files restored", registry=REGISTRY)
 RESTORE_DURATION = Gauge("ckptd_restore_duration_seconds", "Duration of the last restore", registry=REGISTRY)
@@ -57,10 +62,13 @@ class BacklogCollector(Collector):
     _GAUGES = (
         ("ckptd_pending_files", "Complete files not yet stored", "files"),
         ("ckptd_pending_bytes", "Bytes of complete files not yet stored", "bytes"),
-        ("ckptd_oldest_pending_age_seconds", "Age of the oldest complete file not yet stored (0 when none)",
-         "oldest_age"),
+        (
+            "ckptd_oldest_pending_age_seconds",
+            "Age of the oldest complete file not yet stored (0 when none)",
+            "oldest_age",
+        ),
         ("ckptd_checkpoint_dir_free_bytes", "Free bytes where checkpoints are written", "free_bytes"),
-    )  # fmt: skip
+    )
 
     def __init__(self) -> None:
         self.source: Callable[[], Backlog] | None = None

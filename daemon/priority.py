@@ -106,13 +106,15 @@ def check_cpus(cpus: tuple[int, ...] | None, universe: set[int]) -> set[int] | N
         raise ValueError("cpu_affinity is empty: give at least one CPU, or none to leave affinity unchanged")
     unknown = sorted(set(cpus) - universe)
     if unknown:
-        raise ValueError(f"cpu_affinity names CPUs {unknown} that this process cannot use "
-                         f"(available: {_cpu_ranges(universe)})")
+        raise ValueError(
+            f"cpu_affinity names CPUs {unknown} that this process cannot use (available: {_cpu_ranges(universe)})"
+        )
     return set(cpus)
 
 
-def apply(nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None,
-          exempt: Collection[int] = ()) -> dict[str, Any]:  # fmt: skip
+def apply(
+    nice: int, io_priority: str, cpu_affinity: tuple[int, ...] | None, exempt: Collection[int] = ()
+) -> dict[str, Any]:
     """Lower this process's CPU and I/O priority and pin it to CPUs, on every existing thread.
 
     Call it early, before the event loop starts worker threads (default executor, aiobotocore,
@@ -144,8 +146,11 @@ def current(tid: int = 0) -> dict[str, Any]:
         io = f"{cls}/{level}"
     except OSError as e:
         io = f"unknown ({e.strerror})"
-    return {"nice": os.getpriority(os.PRIO_PROCESS, tid), "io_priority": io,
-            "cpu_affinity": sorted(os.sched_getaffinity(tid))}
+    return {
+        "nice": os.getpriority(os.PRIO_PROCESS, tid),
+        "io_priority": io,
+        "cpu_affinity": sorted(os.sched_getaffinity(tid)),
+    }
 
 
 def ioprio_get(tid: int = 0) -> int:

@@ -21,8 +21,9 @@ class Bar:
             return
         self._last = now
         filled = WIDTH * done // total if total else WIDTH
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (WIDTH - filled)}] "
-                          f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MiB")  # fmt: skip
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (WIDTH - filled)}] {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB"
+        )
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()

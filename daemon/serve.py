@@ -75,8 +75,9 @@ def _app(health: Health) -> web.Application:
 
     async def healthz(_: web.Request) -> web.Response:
         ok = health.loop_lag < MAX_LOOP_LAG
-        return web.json_response({"alive": ok, "loop_lag_seconds": round(health.loop_lag, 3)},
-                                 status=200 if ok else 503)  # fmt: skip
+        return web.json_response(
+            {"alive": ok, "loop_lag_seconds": round(health.loop_lag, 3)}, status=200 if ok else 503
+        )
 
     async def readyz(_: web.Request) -> web.Response:
         reasons = health.not_ready()
@@ -108,7 +109,9 @@ class Server:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            raise ServeError(f"cannot listen on {host}:{port} (metrics_addr, $CKPTD_METRICS_ADDR): {e.strerror}") from None
+            raise ServeError(
+                f"cannot listen on {host}:{port} (metrics_addr, $CKPTD_METRICS_ADDR): {e.strerror}"
+            ) from None
         self._runner = runner
         self.address = runner.addresses[0][:2]  # the real port when asked for port 0
         self._heartbeat = asyncio.create_task(heartbeat(self.health), name="heartbeat")

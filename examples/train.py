@@ -16,14 +16,19 @@ load_dir = Path(os.environ["BT_LOAD_CHECKPOINT_DIR"]) / f"rank-{os.environ['BT_N
 
 def last_checkpoint(folder: Path) -> Path | None:
     """What transformers.trainer_utils.get_last_checkpoint does: the highest checkpoint-N."""
-    found = [p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)] if folder.is_dir() else []
+    found = (
+        [p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)] if folder.is_dir() else []
+    )
     return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 resume = last_checkpoint(load_dir)
 state = json.loads((resume / "trainer_state.json").read_text()) if resume else {"global_step": 0, "loss": 4.0}
-print(f"train.py: {'resuming from ' + str(resume) if resume else 'starting from scratch'} "
-      f"at step {state['global_step']}, loss {state['loss']:.3f}", flush=True)
+print(
+    f"train.py: {'resuming from ' + str(resume) if resume else 'starting from scratch'} "
+    f"at step {state['global_step']}, loss {state['loss']:.3f}",
+    flush=True,
+)
 
 for _ in range(5):
     time.sleep(0.2)  # "training"

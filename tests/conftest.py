@@ -95,7 +95,7 @@ async def make_s3_store(s3_bucket: S3Bucket) -> AsyncIterator[Callable[..., S3St
 
 
 @pytest.fixture(params=["local", "moto", "juicefs"])
-async def store(request: pytest.FixtureRequest, tmp_path, aws_env) -> AsyncIterator[Storage]:  # noqa: ANN001
+async def store(request: pytest.FixtureRequest, tmp_path, aws_env) -> AsyncIterator[Storage]:
     """The same backend test, against a local directory, moto and the JuiceFS gateway."""
     if request.param == "local":
         async with LocalStorage(tmp_path / "store") as local:

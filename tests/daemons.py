@@ -24,8 +24,14 @@ def base_env() -> dict[str, str]:
 
 
 def s3_args(bucket: S3Bucket) -> list[str]:
-    return ["--storage", f"s3://{bucket.name}/{PREFIX}", "--s3-endpoint-url", bucket.server.endpoint_url,
-            "--s3-addressing-style", "path"]  # fmt: skip
+    return [
+        "--storage",
+        f"s3://{bucket.name}/{PREFIX}",
+        "--s3-endpoint-url",
+        bucket.server.endpoint_url,
+        "--s3-addressing-style",
+        "path",
+    ]
 
 
 def sha256(data: bytes) -> str:
@@ -50,8 +56,9 @@ class Daemon:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], env=env, stdout=self._out,
-                                     stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", *args], env=env, stdout=self._out, stderr=subprocess.STDOUT
+        )
 
     def events(self, name: str | None = None) -> list[dict]:
         out = []
@@ -107,7 +114,7 @@ def objects(bucket: S3Bucket, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix):
         for item in page.get("Contents", []):
-            out[item["Key"][len(prefix):]] = client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read()
+            out[item["Key"][len(prefix) :]] = client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read()
     return out
 
 

@@ -13,14 +13,23 @@ from daemon.config import load
 
 def config(tmp_path: Path, storage: str, **flags: str):
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    base = {"storage": storage, "checkpoint_dir": str(tmp_path / "ckpt"), "project": "proj", "job_id": "job-1",
-            "settle_time": "0.05", "drain_timeout": "60"}  # fmt: skip
+    base = {
+        "storage": storage,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "project": "proj",
+        "job_id": "job-1",
+        "settle_time": "0.05",
+        "drain_timeout": "60",
+    }
     return load({**base, **flags}, {**env, "HOME": str(tmp_path)})
 
 
 def s3_flags(bucket) -> dict[str, str]:
-    return {"storage": f"s3://{bucket.name}/ckptd", "s3_endpoint_url": bucket.server.endpoint_url,
-            "s3_addressing_style": "path"}  # fmt: skip
+    return {
+        "storage": f"s3://{bucket.name}/ckptd",
+        "s3_endpoint_url": bucket.server.endpoint_url,
+        "s3_addressing_style": "path",
+    }
 
 
 async def until(condition, timeout: float, what: str) -> None:

@@ -47,8 +47,12 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """Environment variables that point an AWS SDK at this server and nowhere else."""
-        return {**isolated_aws_env(), "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.region}  # fmt: skip
+        return {
+            **isolated_aws_env(),
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
 
 
 def isolated_aws_env() -> dict[str, str]:
@@ -64,9 +68,18 @@ def isolated_aws_env() -> dict[str, str]:
 
 def aws_vars_to_remove() -> list[str]:
     """Variables that would redirect or re-authenticate an SDK if inherited."""
-    names = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-             "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-             "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CA_BUNDLE", "AWS_REGION")  # fmt: skip
+    names = (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CA_BUNDLE",
+        "AWS_REGION",
+    )
     return [n for n in os.environ if n in names or n.startswith("AWS_ENDPOINT_URL")]
 
 
@@ -136,13 +149,27 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _launch(name: str, argv: list[str], env: dict[str, str], workdir: Path, port: int,
-            ready_path: str, ok: Callable[[int | None], bool]) -> ServerProcess:  # fmt: skip
+def _launch(
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    port: int,
+    ready_path: str,
+    ok: Callable[[int | None], bool],
+) -> ServerProcess:
     log = workdir / f"{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ok(http_status(endpoint + ready_path)), proc, name, log)
@@ -186,17 +213,42 @@ def start_juicefs(workdir: Path) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     meta = f"sqlite3://{workdir / 'meta.db'}"
     binary = juicefs_binary()
-    fmt = [binary, "format", "--storage", "file", "--bucket", f"{workdir / 'data'}/",
-           "--trash-days", "0", meta, "ckptd-test"]  # fmt: skip
+    fmt = [
+        binary,
+        "format",
+        "--storage",
+        "file",
+        "--bucket",
+        f"{workdir / 'data'}/",
+        "--trash-days",
+        "0",
+        meta,
+        "ckptd-test",
+    ]
     done = subprocess.run(fmt, capture_output=True, text=True, env=_server_env({}, workdir), timeout=60)
     if done.returncode:
         raise RuntimeError(f"juicefs format failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     def start(port: int) -> ServerProcess:
-        argv = [binary, "gateway", "--no-usage-report", "--no-agent", "--no-banner",
-                "--multi-buckets", "--keep-etag", "--backup-meta", "0", "--metrics", "127.0.0.1:0",
-                "--cache-dir", str(workdir / "cache"), "--cache-size", "0",
-                meta, f"127.0.0.1:{port}"]  # fmt: skip
+        argv = [
+            binary,
+            "gateway",
+            "--no-usage-report",
+            "--no-agent",
+            "--no-banner",
+            "--multi-buckets",
+            "--keep-etag",
+            "--backup-meta",
+            "0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--cache-dir",
+            str(workdir / "cache"),
+            "--cache-size",
+            "0",
+            meta,
+            f"127.0.0.1:{port}",
+        ]
         env = _server_env({"MINIO_ROOT_USER": ACCESS_KEY, "MINIO_ROOT_PASSWORD": SECRET_KEY}, workdir)
         return _launch("juicefs", argv, env, workdir, port, "/minio/health/live", lambda s: s == 200)
 
@@ -233,23 +285,29 @@ def admin_client(server: S3Server) -> Any:
     from botocore.config import Config
 
     client = boto3.client(
-        "s3", endpoint_url=server.endpoint_url, region_name=server.region,
-        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
-                      request_checksum_calculation="when_required",
-                      response_checksum_validation="when_required"),
-    )  # fmt: skip
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"total_max_attempts": 1},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
     # MinIO-derived servers insist on Content-MD5 for batch deletes; botocore now sends CRC32.
     client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
     return client
 
 
-def _add_content_md5(request, **_: object) -> None:  # noqa: ANN001
+def _add_content_md5(request, **_: object) -> None:
     body = request.body if isinstance(request.body, bytes) else request.body.encode()
     request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
-def empty_and_delete_bucket(client, bucket: str) -> None:  # noqa: ANN001
+def empty_and_delete_bucket(client, bucket: str) -> None:
     """Best effort: keeps the servers' memory and disk small over a long session."""
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
         for upload in page.get("Uploads", []):

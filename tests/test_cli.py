@@ -15,8 +15,14 @@ from daemon.cli import COMMANDS
 
 def ckptd(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "BT_", "AWS_"))}
-    return subprocess.run([sys.executable, "-m", "daemon", *args], env={**base, **(env or {})}, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_help_lists_every_command():

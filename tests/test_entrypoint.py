@@ -20,13 +20,23 @@ def entry(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m daemon "$@"\n')
     wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "BT_", "AWS_"))}
-    env.update(CKPTD_BIN=str(wrapper), PYTHONPATH=str(REPO), XDG_DATA_HOME=str(tmp_path / "data"),
-               BT_CHECKPOINT_DIR=str(tmp_path / "ckpt"), BT_LOAD_CHECKPOINT_DIR=str(tmp_path / "loaded"),
-               CKPTD_METRICS_ADDR="127.0.0.1:0")  # fmt: skip
+    env.update(
+        CKPTD_BIN=str(wrapper),
+        PYTHONPATH=str(REPO),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        BT_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+        BT_LOAD_CHECKPOINT_DIR=str(tmp_path / "loaded"),
+        CKPTD_METRICS_ADDR="127.0.0.1:0",
+    )
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", str(REPO / "entrypoint.sh"), *args], env={**env, **extra}, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            ["sh", str(REPO / "entrypoint.sh"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 
@@ -51,14 +61,24 @@ def test_options_then_command(entry, tmp_path):
 def test_secrets_come_from_files_and_aws_file_variables_stay(entry, tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("s3cr3t-value\n")
-    probe = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
-             "('AWS_SECRET_ACCESS_KEY', 'AWS_SECRET_ACCESS_KEY_FILE', 'AWS_WEB_IDENTITY_TOKEN_FILE')}))")
-    out = entry(sys.executable, "-c", probe, AWS_SECRET_ACCESS_KEY_FILE=str(secret),
-                AWS_WEB_IDENTITY_TOKEN_FILE="/var/run/token")  # fmt: skip
+    probe = (
+        "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+        "('AWS_SECRET_ACCESS_KEY', 'AWS_SECRET_ACCESS_KEY_FILE', 'AWS_WEB_IDENTITY_TOKEN_FILE')}))"
+    )
+    out = entry(
+        sys.executable,
+        "-c",
+        probe,
+        AWS_SECRET_ACCESS_KEY_FILE=str(secret),
+        AWS_WEB_IDENTITY_TOKEN_FILE="/var/run/token",
+    )
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_SECRET_ACCESS_KEY_FILE": None,
-                    "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token"}  # fmt: skip
+    assert seen == {
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "AWS_SECRET_ACCESS_KEY_FILE": None,
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token",
+    }
     assert "s3cr3t-value" not in out.stderr
 
 

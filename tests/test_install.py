@@ -15,13 +15,15 @@ def test_pip_install_into_empty_venv(tmp_path):
     py, ckptd = venv / "bin" / "python", venv / "bin" / "ckptd"
     # Build from a copy so the install cannot pick up this checkout's build leftovers.
     subprocess.run(["git", "clone", "-q", str(REPO), str(tmp_path / "src")], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(tmp_path / "src")],
-                   check=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(tmp_path / "src")],
+        check=True,
+        timeout=600,
+    )
 
     out = subprocess.run([str(ckptd), "--help"], capture_output=True, text=True, check=True)
     assert "watch" in out.stdout and "restore" in out.stdout
     out = subprocess.run([str(ckptd), "version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("ckptd 0.")
-    out = subprocess.run([str(py), "-m", "daemon", "--help"], capture_output=True, text=True, check=True,
-                         cwd=tmp_path)  # fmt: skip
+    out = subprocess.run([str(py), "-m", "daemon", "--help"], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "usage: ckptd" in out.stdout

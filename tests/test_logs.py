@@ -36,8 +36,10 @@ def test_console_output_on_a_terminal():
 def test_secrets_are_redacted():
     stream = io.StringIO()
     logs.configure("info", "json", stream)
-    url = ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F2026"
-           "&X-Amz-Signature=deadbeefcafe&X-Amz-Security-Token=FQoGZXIvYXdzEXAMPLE")
+    url = (
+        "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F2026"
+        "&X-Amz-Signature=deadbeefcafe&X-Amz-Security-Token=FQoGZXIvYXdzEXAMPLE"
+    )
     logs.get().info("presigned", url=url, aws_secret_access_key="wJalrXUtnFEMI", session_token="tok")
     text = stream.getvalue()
     for secret in ("AKIAEXAMPLE", "deadbeefcafe", "FQoGZXIvYXdzEXAMPLE", "wJalrXUtnFEMI", '"tok"'):

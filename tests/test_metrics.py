@@ -20,8 +20,12 @@ def gauge(name: str) -> float | None:
 
 async def test_upload_commit_and_skip_metrics(tmp_path):
     c = config(tmp_path, f"file://{tmp_path}/store")
-    names = ["ckptd_uploaded_files_total", "ckptd_uploaded_bytes_total", "ckptd_upload_lag_seconds_count",
-             "ckptd_checkpoints_committed_total"]  # fmt: skip
+    names = [
+        "ckptd_uploaded_files_total",
+        "ckptd_uploaded_bytes_total",
+        "ckptd_upload_lag_seconds_count",
+        "ckptd_checkpoints_committed_total",
+    ]
     before = {n: counter(n) for n in names}
     skipped = {r: counter("ckptd_files_skipped_total", reason=r) for r in ("ignored", "unchanged", "vanished")}
     ckpt = tmp_path / "ckpt"
@@ -37,8 +41,11 @@ async def test_upload_commit_and_skip_metrics(tmp_path):
             os.unlink(ckpt / "gone.bin")
         await until(lambda: counter("ckptd_checkpoints_committed_total") > before[names[3]], 30, "the commit")
         open(ckpt / "checkpoint-3" / "model.bin", "ab").close()  # a close event, nothing changed
-        await until(lambda: counter("ckptd_files_skipped_total", reason="unchanged") > skipped["unchanged"], 30,
-                    "the unchanged skip")  # fmt: skip
+        await until(
+            lambda: counter("ckptd_files_skipped_total", reason="unchanged") > skipped["unchanged"],
+            30,
+            "the unchanged skip",
+        )
         assert gauge("ckptd_pending_files") == 0 and gauge("ckptd_oldest_pending_age_seconds") == 0
         assert gauge("ckptd_checkpoint_dir_free_bytes") > 0
         await engine.shutdown()

@@ -96,8 +96,14 @@ def test_every_alert_is_tested_firing_and_quiet():
 
 def test_every_alert_has_a_severity_and_says_what_to_do():
     rules = alert_rules()
-    assert {r["alert"] for r in rules} >= {"CkptdUploadsBehind", "CkptdStoreUnreachable", "CkptdUploadFailed",
-                                           "CkptdNoRecentCommit", "CkptdCheckpointDiskFilling", "CkptdDown"}  # fmt: skip
+    assert {r["alert"] for r in rules} >= {
+        "CkptdUploadsBehind",
+        "CkptdStoreUnreachable",
+        "CkptdUploadFailed",
+        "CkptdNoRecentCommit",
+        "CkptdCheckpointDiskFilling",
+        "CkptdDown",
+    }
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
         assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
@@ -117,8 +123,14 @@ def test_alerts_use_only_metrics_ckptd_exposes():
 def test_exposed_names_cover_the_metric_types():
     """The allowed-name set is what a scrape can show: counters only with _total, histograms by series."""
     exposed = exposed_names()
-    assert {"ckptd_uploaded_bytes_total", "ckptd_upload_failures_total", "ckptd_upload_lag_seconds_bucket",
-            "ckptd_upload_lag_seconds_count", "ckptd_info", "ckptd_trainer_running"} <= exposed  # fmt: skip
+    assert {
+        "ckptd_uploaded_bytes_total",
+        "ckptd_upload_failures_total",
+        "ckptd_upload_lag_seconds_bucket",
+        "ckptd_upload_lag_seconds_count",
+        "ckptd_info",
+        "ckptd_trainer_running",
+    } <= exposed
     assert not {"ckptd_uploaded_bytes", "ckptd_upload_lag_seconds", "ckptd_info_total"} & exposed
 
 
@@ -142,14 +154,28 @@ def test_dashboard_loads_with_unique_panel_ids_and_its_variables():
 
 def test_dashboard_has_the_panels_operators_need():
     exprs = " ".join(target["expr"] for _, target in dashboard_targets())
-    for needed in ("histogram_quantile(0.5,", "histogram_quantile(0.9,", "histogram_quantile(0.99,",
-                   "ckptd_upload_lag_seconds_bucket", "ckptd_oldest_pending_age_seconds", "ckptd_pending_files",
-                   "ckptd_pending_bytes", "rate(ckptd_uploaded_bytes_total", "rate(ckptd_uploaded_files_total",
-                   "ckptd_upload_retries_total", "ckptd_upload_failures_total", "ckptd_files_skipped_total",
-                   "ckptd_rescan_found_files_total", "ckptd_checkpoints_committed_total", "ckptd_last_committed_step",
-                   "time() - (ckptd_last_commit_timestamp_seconds", "ckptd_restore_bytes_total",
-                   "ckptd_restore_duration_seconds", "ckptd_checkpoint_dir_free_bytes",
-                   "ckptd_trainer_running"):  # fmt: skip
+    for needed in (
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.9,",
+        "histogram_quantile(0.99,",
+        "ckptd_upload_lag_seconds_bucket",
+        "ckptd_oldest_pending_age_seconds",
+        "ckptd_pending_files",
+        "ckptd_pending_bytes",
+        "rate(ckptd_uploaded_bytes_total",
+        "rate(ckptd_uploaded_files_total",
+        "ckptd_upload_retries_total",
+        "ckptd_upload_failures_total",
+        "ckptd_files_skipped_total",
+        "ckptd_rescan_found_files_total",
+        "ckptd_checkpoints_committed_total",
+        "ckptd_last_committed_step",
+        "time() - (ckptd_last_commit_timestamp_seconds",
+        "ckptd_restore_bytes_total",
+        "ckptd_restore_duration_seconds",
+        "ckptd_checkpoint_dir_free_bytes",
+        "ckptd_trainer_running",
+    ):
         assert needed in exprs, needed
 
 
@@ -167,8 +193,12 @@ def test_dashboard_uses_only_metrics_ckptd_exposes():
 
 # The dashboard's variables as Grafana would substitute them for one job.
 def substitute(expr: str, job_id: str) -> str:
-    return (expr.replace("$__rate_interval", "2m").replace("$__range", "1h")
-            .replace("$job_id", job_id).replace("$rank", ".*"))  # fmt: skip
+    return (
+        expr.replace("$__rate_interval", "2m")
+        .replace("$__range", "1h")
+        .replace("$job_id", job_id)
+        .replace("$rank", ".*")
+    )
 
 
 def series_like_ckptd(instance: str, job_id: str, rank: str) -> list[dict]:
@@ -183,7 +213,7 @@ def series_like_ckptd(instance: str, job_id: str, rank: str) -> list[dict]:
             selector = f'{labels}, version="0.0.0", project="p", job_id="{job_id}", rank="{rank}"'
             out.append({"series": f"{name}{{{selector}}}", "values": "1x60"})
             continue
-        extra = ", reason=\"SomeCode\"" if "reason" in metric._labelnames else ""
+        extra = ', reason="SomeCode"' if "reason" in metric._labelnames else ""
         assert set(metric._labelnames) <= {"reason"}, f"{name}: new labels, extend this test"
         if isinstance(metric, Counter):
             out.append({"series": f"{name}_total{{{labels}{extra}}}", "values": "0+1x60"})
@@ -211,11 +241,21 @@ def test_every_dashboard_query_returns_data_for_the_selected_job_only(promtool, 
             rules.append({"alert": name, "expr": f"count({substitute(target['expr'], job_id)}) > 0"})
     (tmp_path / "dashboard_rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     fires = [{"exp_labels": {}}]
-    cases = [{"eval_time": "30m", "alertname": r["alert"], "exp_alerts": [] if "no_such_job" in r["alert"] else fires}
-             for r in rules]  # fmt: skip
-    tests = {"rule_files": ["dashboard_rules.yaml"], "evaluation_interval": "1m",
-             "tests": [{"interval": "1m", "input_series": series_like_ckptd("10.0.0.1:9477", "job-a", "0"),
-                        "alert_rule_test": cases}]}  # fmt: skip
+    cases = [
+        {"eval_time": "30m", "alertname": r["alert"], "exp_alerts": [] if "no_such_job" in r["alert"] else fires}
+        for r in rules
+    ]
+    tests = {
+        "rule_files": ["dashboard_rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series_like_ckptd("10.0.0.1:9477", "job-a", "0"),
+                "alert_rule_test": cases,
+            }
+        ],
+    }
     (tmp_path / "dashboard_test.yaml").write_text(yaml.safe_dump(tests))
 
     checked = run_promtool(promtool, "check", "rules", "dashboard_rules.yaml", cwd=tmp_path)

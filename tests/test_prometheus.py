@@ -31,14 +31,23 @@ def get_json(url: str) -> dict:
 class PromServer:
     def __init__(self, workdir: Path, target: str, rules: Path) -> None:
         self.port = free_port()
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
-                  "scrape_configs": [{"job_name": "ckptd", "static_configs": [{"targets": [target]}]}]}  # fmt: skip
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [{"job_name": "ckptd", "static_configs": [{"targets": [target]}]}],
+        }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [shutil.which("prometheus") or "prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._ready, 30, "prometheus to be ready")
 
     def _ready(self) -> bool:
@@ -81,9 +90,27 @@ def test_prometheus_sees_uploads_an_outage_and_the_recovery(tmp_path, moto_bucke
     proxy = Proxy(int(moto_bucket.server.endpoint_url.rsplit(":", 1)[1]))
     metrics_port = free_port()
     ckpt = tmp_path / "ckpt"
-    args = ["watch", "--storage", f"s3://{moto_bucket.name}/ckptd", "--s3-endpoint-url", proxy.endpoint,
-            "--s3-addressing-style", "path", "--checkpoint-dir", str(ckpt), "--project", PROJECT, "--job-id", "job-p",
-            "--settle-time", "0.05", "--metrics-addr", f"127.0.0.1:{metrics_port}", "--drain-timeout", "30"]  # fmt: skip
+    args = [
+        "watch",
+        "--storage",
+        f"s3://{moto_bucket.name}/ckptd",
+        "--s3-endpoint-url",
+        proxy.endpoint,
+        "--s3-addressing-style",
+        "path",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--project",
+        PROJECT,
+        "--job-id",
+        "job-p",
+        "--settle-time",
+        "0.05",
+        "--metrics-addr",
+        f"127.0.0.1:{metrics_port}",
+        "--drain-timeout",
+        "30",
+    ]
     daemon = Daemon(args, {**base_env(), **moto_bucket.server.env()}, tmp_path / "watch.log")
     prom = None
     try:
@@ -97,8 +124,11 @@ def test_prometheus_sees_uploads_an_outage_and_the_recovery(tmp_path, moto_bucke
         written += sum(write(ckpt / "checkpoint-2", f"f{i}.bin", 50_000) for i in range(3))
         wait_for(lambda: (prom.value("ckptd_oldest_pending_age_seconds") or 0) > 3, 60, "pending age to rise")
         assert prom.value("ckptd_pending_files") == 3
-        wait_for(lambda: prom.query('ALERTS{alertname="CkptdStoreUnreachable", alertstate="firing"}'), 60,
-                 "the store-unreachable alert to fire")  # fmt: skip
+        wait_for(
+            lambda: prom.query('ALERTS{alertname="CkptdStoreUnreachable", alertstate="firing"}'),
+            60,
+            "the store-unreachable alert to fire",
+        )
         ready = get_json_status(f"http://127.0.0.1:{metrics_port}/readyz")
         assert ready[0] == 503 and "storage not reachable" in ready[1]["not_ready"]
 

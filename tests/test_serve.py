@@ -35,7 +35,7 @@ def get_json(url: str) -> tuple[int, dict]:
 
 def sample(text: str, name: str) -> float | None:
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -47,10 +47,27 @@ def daemon(tmp_path):
     def start(bucket, command: str, *extra: str, env: dict | None = None) -> tuple[Daemon, str]:
         port = free_port()
         restore = ["--restore-dir", str(tmp_path / "loaded")] if command == "run" else []
-        args = [command, *s3_args(bucket), "--project", PROJECT, "--job-id", "job-s", "--settle-time", "0.05",
-                "--checkpoint-dir", str(tmp_path / "ckpt"), *restore, "--metrics-addr", f"127.0.0.1:{port}",
-                "--drain-timeout", "10", *extra]  # fmt: skip
-        d = Daemon(args, {**base_env(), **bucket.server.env(), **(env or {})}, tmp_path / f"{command}-{len(started)}.log")
+        args = [
+            command,
+            *s3_args(bucket),
+            "--project",
+            PROJECT,
+            "--job-id",
+            "job-s",
+            "--settle-time",
+            "0.05",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            *restore,
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+            "--drain-timeout",
+            "10",
+            *extra,
+        ]
+        d = Daemon(
+            args, {**base_env(), **bucket.server.env(), **(env or {})}, tmp_path / f"{command}-{len(started)}.log"
+        )
         started.append(d)
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: d.proc.poll() is not None or get_or_none(base + "/healthz"), 30, "the status server")
@@ -78,17 +95,31 @@ def test_metrics_of_a_running_daemon_pass_promtool(daemon, moto_bucket, tmp_path
     status, body = get(base + "/metrics")
     assert status == 200
     text = body.decode()
-    for name in ("ckptd_info", "ckptd_upload_lag_seconds_bucket", "ckptd_oldest_pending_age_seconds",
-                 "ckptd_pending_files", "ckptd_pending_bytes", "ckptd_uploaded_files_total",
-                 "ckptd_uploaded_bytes_total", "ckptd_files_skipped_total", "ckptd_rescan_found_files_total",
-                 "ckptd_checkpoints_committed_total", "ckptd_last_commit_timestamp_seconds",
-                 "ckptd_last_committed_step", "ckptd_restore_bytes_total", "ckptd_restore_files_total",
-                 "ckptd_restore_duration_seconds", "ckptd_checkpoint_dir_free_bytes", "ckptd_trainer_running"):  # fmt: skip
+    for name in (
+        "ckptd_info",
+        "ckptd_upload_lag_seconds_bucket",
+        "ckptd_oldest_pending_age_seconds",
+        "ckptd_pending_files",
+        "ckptd_pending_bytes",
+        "ckptd_uploaded_files_total",
+        "ckptd_uploaded_bytes_total",
+        "ckptd_files_skipped_total",
+        "ckptd_rescan_found_files_total",
+        "ckptd_checkpoints_committed_total",
+        "ckptd_last_commit_timestamp_seconds",
+        "ckptd_last_committed_step",
+        "ckptd_restore_bytes_total",
+        "ckptd_restore_files_total",
+        "ckptd_restore_duration_seconds",
+        "ckptd_checkpoint_dir_free_bytes",
+        "ckptd_trainer_running",
+    ):
         assert sample(text, name) is not None, name
     assert sample(text, "ckptd_uploaded_bytes_total") == 1000 + len('{"global_step": 1}')
     assert 'ckptd_info{job_id="job-s",project="proj",rank="0",version=' in text
-    check = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"], input=body,
-                           capture_output=True)  # fmt: skip
+    check = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "metrics"], input=body, capture_output=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     code, info = get_json(base + "/status")
     assert code == 200 and info["uploaded_files"] == 2 and info["pending_files"] == 0
@@ -111,10 +142,22 @@ def test_a_taken_port_is_a_clear_configuration_error(daemon, moto_bucket, tmp_pa
 def test_not_ready_until_restore_is_done(daemon, moto_bucket, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"  # the store is unreachable: restore keeps retrying
     config = tmp_path / "c.yaml"
-    config.write_text("load_checkpoint_config:\n  enabled: true\n  checkpoints:\n"
-                      "    - {typ: baseten_latest_checkpoint, job_id: earlier}\n")  # fmt: skip
-    d, base = daemon(moto_bucket, "run", "--config", str(config), "--s3-endpoint-url", dead, "--", sys.executable,
-                     TRAINER, env={"TRAINER_RECORD": str(tmp_path / "record.json")})  # fmt: skip
+    config.write_text(
+        "load_checkpoint_config:\n  enabled: true\n  checkpoints:\n"
+        "    - {typ: baseten_latest_checkpoint, job_id: earlier}\n"
+    )
+    d, base = daemon(
+        moto_bucket,
+        "run",
+        "--config",
+        str(config),
+        "--s3-endpoint-url",
+        dead,
+        "--",
+        sys.executable,
+        TRAINER,
+        env={"TRAINER_RECORD": str(tmp_path / "record.json")},
+    )
     code, ready = get_json(base + "/readyz")
     assert code == 503 and "restore not finished" in ready["not_ready"]
     assert get_json(base + "/healthz")[0] == 200
@@ -134,9 +177,18 @@ def test_not_ready_while_credentials_are_rejected(daemon, juicefs_bucket, tmp_pa
 
 
 def test_trainer_running_while_the_trainer_runs(daemon, moto_bucket, tmp_path):
-    d, base = daemon(moto_bucket, "run", "--", sys.executable, TRAINER,
-                     env={"TRAINER_RECORD": str(tmp_path / "record.json"), "TRAINER_WAIT": "yes",
-                          "TRAINER_READY": str(tmp_path / "ready")})  # fmt: skip
+    d, base = daemon(
+        moto_bucket,
+        "run",
+        "--",
+        sys.executable,
+        TRAINER,
+        env={
+            "TRAINER_RECORD": str(tmp_path / "record.json"),
+            "TRAINER_WAIT": "yes",
+            "TRAINER_READY": str(tmp_path / "ready"),
+        },
+    )
     wait_for(lambda: (tmp_path / "ready").exists(), 30, "the trainer")
     text = get(base + "/metrics")[1].decode()
     assert sample(text, "ckptd_trainer_running") == 1

@@ -31,8 +31,9 @@ class JobNotFound(LookupError):
         super().__init__(f"no metadata for job {job_id!r} in project {project!r}")
 
 
-async def ensure_job(storage: Storage, project: str, job_id: str, group_size: int,
-                     created_at: datetime | str | None = None) -> dict[str, Any]:  # fmt: skip
+async def ensure_job(
+    storage: Storage, project: str, job_id: str, group_size: int, created_at: datetime | str | None = None
+) -> dict[str, Any]:
     """Write job.json unless it exists; return what is stored (the first writer's created_at wins).
 
     Read-then-put is not atomic, and needs not be: two nodes racing here write the same project,
@@ -55,10 +56,19 @@ async def read_job_record(storage: Storage, project: str, job_id: str) -> dict[s
     return await read_object(storage, layout.job_metadata_key(project, job_id))
 
 
-def rank_status(rank: int, *, status: str, sync_status: str = SYNCING, exit_code: int | None = None,
-                hostname: str | None = None, last_commit: dict[str, Any] | None = None,
-                uncommitted: Iterable[str] = (), pending_files: int = 0, failed_files: int = 0,
-                updated_at: str | None = None) -> dict[str, Any]:  # fmt: skip
+def rank_status(
+    rank: int,
+    *,
+    status: str,
+    sync_status: str = SYNCING,
+    exit_code: int | None = None,
+    hostname: str | None = None,
+    last_commit: dict[str, Any] | None = None,
+    uncommitted: Iterable[str] = (),
+    pending_files: int = 0,
+    failed_files: int = 0,
+    updated_at: str | None = None,
+) -> dict[str, Any]:
     """One rank's status object; ValueError for a status outside the contract's values.
 
     `last_commit`: {checkpoint, step, committed_at} of the rank's latest manifest, or None.
@@ -123,8 +133,11 @@ def derive_status(statuses: Sequence[dict[str, Any]], group_size: int | None) ->
 async def read_job(storage: Storage, project: str, job_id: str) -> dict[str, Any]:
     """job.json combined with every rank's status; JobNotFound when there is neither."""
     prefix = layout.job_prefix(project, job_id) + "status/"
-    keys = {info.key: int(m.group(1)) async for info in storage.list(prefix)
-            if (m := _STATUS_NAME.fullmatch(info.key[len(prefix) :]))}  # fmt: skip
+    keys = {
+        info.key: int(m.group(1))
+        async for info in storage.list(prefix)
+        if (m := _STATUS_NAME.fullmatch(info.key[len(prefix) :]))
+    }
     job, *found = await asyncio.gather(
         read_job_record(storage, project, job_id), *(read_object(storage, k) for k in keys)
     )

@@ -11,8 +11,8 @@ import asyncio
 import json
 import math
 import re
-from datetime import UTC, datetime
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from daemon import logs
@@ -33,8 +33,18 @@ _STEP_PATTERNS = [  # (pattern, whole name only)
 ]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_FIELDS = {"path": str, "size": int, "sha256": str, "key": str, "etag": str}
-_FIELDS = {"project": str, "job_id": str, "rank": int, "checkpoint": str, "committed_at": str, "reason": str,
-           "total_bytes": int, "file_count": int, "files": list, "metrics": dict}  # fmt: skip
+_FIELDS = {
+    "project": str,
+    "job_id": str,
+    "rank": int,
+    "checkpoint": str,
+    "committed_at": str,
+    "reason": str,
+    "total_bytes": int,
+    "file_count": int,
+    "files": list,
+    "metrics": dict,
+}
 
 
 @dataclass(frozen=True)
@@ -85,18 +95,33 @@ def metrics_from_trainer_state(data: bytes) -> dict[str, Any]:
         return {}
     if not isinstance(state, dict):
         return {}
-    metrics = {k: _scalar(state[k]) for k in ("global_step", "epoch", "best_metric", "best_model_checkpoint")
-               if k in state}  # fmt: skip
+    metrics = {
+        k: _scalar(state[k]) for k in ("global_step", "epoch", "best_metric", "best_model_checkpoint") if k in state
+    }
     history = state.get("log_history")
     for entry in history if isinstance(history, list) else []:
         if isinstance(entry, dict):
-            metrics.update({k: _scalar(v) for k, v in entry.items()
-                            if isinstance(k, str) and (k == "loss" or k.startswith("eval_"))})  # fmt: skip
+            metrics.update(
+                {
+                    k: _scalar(v)
+                    for k, v in entry.items()
+                    if isinstance(k, str) and (k == "loss" or k.startswith("eval_"))
+                }
+            )
     return metrics
 
 
-def build_manifest(project: str, job_id: str, rank: int, checkpoint: str, files: list[StoredFile], reason: str,
-                   metrics: dict[str, Any], *, committed_at: datetime | None = None) -> dict[str, Any]:  # fmt: skip
+def build_manifest(
+    project: str,
+    job_id: str,
+    rank: int,
+    checkpoint: str,
+    files: list[StoredFile],
+    reason: str,
+    metrics: dict[str, Any],
+    *,
+    committed_at: datetime | None = None,
+) -> dict[str, Any]:
     """The manifest of one committed checkpoint. Files must all belong to it, each path once."""
     entries = sorted(files, key=lambda f: f.relpath)
     for f in entries:

@@ -9,18 +9,27 @@ import structlog
 
 from daemon import __version__, metrics
 from daemon.config import Config
-from daemon.serve import Health, Server, ServeError
+from daemon.serve import Health, ServeError, Server
 from daemon.storage import S3Options, Storage, open_storage
 
 log = structlog.get_logger()
 
 
 def storage_for(c: Config) -> Storage:
-    return open_storage(c.storage, S3Options(
-        endpoint_url=c.s3_endpoint_url, region=c.s3_region, addressing_style=c.s3_addressing_style,
-        checksum=c.s3_checksum, payload_signing=c.s3_payload_signing, sse=c.s3_sse,
-        sse_kms_key_id=c.s3_sse_kms_key_id, ca_bundle=c.s3_ca_bundle, max_connections=c.s3_max_connections,
-    ))  # fmt: skip
+    return open_storage(
+        c.storage,
+        S3Options(
+            endpoint_url=c.s3_endpoint_url,
+            region=c.s3_region,
+            addressing_style=c.s3_addressing_style,
+            checksum=c.s3_checksum,
+            payload_signing=c.s3_payload_signing,
+            sse=c.s3_sse,
+            sse_kms_key_id=c.s3_sse_kms_key_id,
+            ca_bundle=c.s3_ca_bundle,
+            max_connections=c.s3_max_connections,
+        ),
+    )
 
 
 def identify(c: Config, mode: str) -> dict:

@@ -32,8 +32,14 @@ async def restore_phase(c: Config, storage: Storage, report_to: list | None = No
         log.warning("checkpoints are listed but load_checkpoint_config.enabled is false: nothing restored")
         return None
     try:
-        report = await restore(storage, refs=c.checkpoints, restore_dir=c.restore_dir, rank=c.node_rank,
-                               default_project=c.project, progress=Bar("restoring"))  # fmt: skip
+        report = await restore(
+            storage,
+            refs=c.checkpoints,
+            restore_dir=c.restore_dir,
+            rank=c.node_rank,
+            default_project=c.project,
+            progress=Bar("restoring"),
+        )
     except RestoreConflict as e:
         log.error("restore refused", error=str(e))
         return exits.CONFIG

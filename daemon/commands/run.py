@@ -84,8 +84,12 @@ async def run(c: Config, argv: list[str]) -> int:
             report = await engine.shutdown(status) if engine else Report()
     code = exits.of_run(status, report.ok)
     if code != status:
-        log.error("training succeeded but not every checkpoint file was stored", exit_code=code,
-                  not_stored=report.not_stored[:20], count=len(report.not_stored))  # fmt: skip
+        log.error(
+            "training succeeded but not every checkpoint file was stored",
+            exit_code=code,
+            not_stored=report.not_stored[:20],
+            count=len(report.not_stored),
+        )
     return code
 
 

@@ -26,8 +26,9 @@ class ConfigError(Exception):
         super().__init__(f"invalid {setting}: {message}")
 
 
-def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-         config_file: str | None = None) -> Config:  # fmt: skip
+def load(
+    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, config_file: str | None = None
+) -> Config:
     """Build a validated Config. `flags` maps Config field names to raw flag values (None: not given)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = os.environ if env is None else env
@@ -50,8 +51,14 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     return config
 
 
-def _pick(name: str, spec: Spec, flags: Mapping[str, Any], env: Mapping[str, str], from_file: Mapping[str, Any],
-          path: str | None) -> tuple[Any, str | None]:  # fmt: skip
+def _pick(
+    name: str,
+    spec: Spec,
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    from_file: Mapping[str, Any],
+    path: str | None,
+) -> tuple[Any, str | None]:
     if name in flags:
         return flags[name], spec.flag or "command line"
     for var in spec.env:
@@ -99,21 +106,26 @@ def _flatten(data: Mapping[str, Any], prefix: str):
         elif key in _SECTIONS:
             raise ConfigError(key, f"expected a mapping, got {v!r}")
         else:
-            siblings = sorted(b[len(prefix):].split(".")[0] for b in BY_KEY if b.startswith(prefix))
+            siblings = sorted(b[len(prefix) :].split(".")[0] for b in BY_KEY if b.startswith(prefix))
             raise ConfigError(key, f"unknown setting; accepted here: {', '.join(dict.fromkeys(siblings))}")
 
 
 def _check_together(c: Config, explicit: set[str]) -> None:
     """Rules that involve more than one setting."""
     if c.group_size > 1 and "job_id" not in explicit:
-        raise ConfigError(_label(SPECS["job_id"]), f"required when group size is {c.group_size}: every node must "
-                          "write to the same job")  # fmt: skip
+        raise ConfigError(
+            _label(SPECS["job_id"]),
+            f"required when group size is {c.group_size}: every node must write to the same job",
+        )
     if c.node_rank >= c.group_size:
         raise ConfigError(_label(SPECS["node_rank"]), f"must be below group size {c.group_size}, got {c.node_rank}")
     a, b = PurePosixPath(c.checkpoint_dir), PurePosixPath(c.restore_dir)
     if a == b or a in b.parents or b in a.parents:
-        raise ConfigError(_label(SPECS["restore_dir"]), f"{b} must not overlap the checkpoint folder {a}: restored "
-                          "files would be uploaded again as new checkpoints")  # fmt: skip
+        raise ConfigError(
+            _label(SPECS["restore_dir"]),
+            f"{b} must not overlap the checkpoint folder {a}: restored "
+            "files would be uploaded again as new checkpoints",
+        )
     if c.s3_sse_kms_key_id and c.s3_sse != "sse-kms":
         raise ConfigError(_label(SPECS["s3_sse_kms_key_id"]), "is only used with storage.sse: sse-kms")
     if c.s3_ca_bundle and not os.path.isfile(c.s3_ca_bundle):

@@ -17,12 +17,21 @@ from daemon.storage.options import StorageURL
 Parser = Callable[[Any], Any]
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TRUE = {"1", "true", "yes", "on"}
@@ -127,8 +136,7 @@ def name(value: Any) -> str:
     s = text(value)
     if not _SAFE_NAME.fullmatch(s):
         raise ValueError(
-            f"{s!r} is not a safe name: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"{s!r} is not a safe name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return s
 

@@ -43,9 +43,7 @@ def parse_ref(value: Any, index: int) -> CheckpointRef:
     if typ not in (LATEST, NAMED):
         raise ValueError(f"{where}.typ: expected {LATEST} or {NAMED}, got {typ!r}")
     try:
-        fields = {
-            k: parse.name(value[k]) for k in ("project_name", "job_id") if value.get(k) is not None
-        }
+        fields = {k: parse.name(value[k]) for k in ("project_name", "job_id") if value.get(k) is not None}
         if value.get("checkpoint_name") is not None:
             fields["checkpoint_name"] = _checkpoint_name(value["checkpoint_name"])
         required = parse.boolean(value.get("required", False))

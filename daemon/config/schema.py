@@ -55,6 +55,8 @@ def _new_job_id(env: Mapping[str, str]) -> str:
     return time.strftime("%Y%m%dt%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+# The settings table: one row per setting, aligned by hand so it reads as a table.
+# fmt: off
 @dataclass(frozen=True)
 class Config:
     # --- identity
@@ -160,6 +162,8 @@ class Config:
                                   "later.", parse.duration(), SUPERVISE, "--stop-timeout", ("CKPTD_STOP_TIMEOUT",))
     metrics_addr: tuple[str, int] = setting("metrics_addr", "0.0.0.0:9477", "Metrics and health listen address.",
                                             parse.listen_address, SERVE, "--metrics-addr", ("CKPTD_METRICS_ADDR",))
+
+# fmt: on
 
 
 SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(Config)}

@@ -19,8 +19,8 @@ from typing import Any
 import structlog
 
 from daemon.catalog import jobmeta, layout
-from daemon.config.refs import NAMED, CheckpointRef
 from daemon.catalog.manifest import latest_manifest, parse_manifest
+from daemon.config.refs import NAMED, CheckpointRef
 from daemon.storage import Storage, StorageError
 
 log = structlog.get_logger()
@@ -147,8 +147,7 @@ async def _project_of(storage: Storage, ref: CheckpointRef, default_project: str
     return found[0] if found else None
 
 
-async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job_id: str,
-                         rank: int) -> Resolved | None:  # fmt: skip
+async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job_id: str, rank: int) -> Resolved | None:
     source = await _source_rank(storage, project, job_id, rank)
     if source is None:
         return None
@@ -244,8 +243,9 @@ def _items_of(res: Resolved, rank_folder: str) -> list[Item]:
         except layout.UnsafePath as exc:
             raise UnsafeManifest(f"refusing key {key!r} of {res.ref.describe()}: {exc}") from None
         if layout.checkpoint_of(path) != res.checkpoint:
-            raise UnsafeManifest(f"refusing key {key!r} of {res.ref.describe()}: {path!r} is outside "
-                                 f"{res.checkpoint!r}")
+            raise UnsafeManifest(
+                f"refusing key {key!r} of {res.ref.describe()}: {path!r} is outside {res.checkpoint!r}"
+            )
         items.append(Item(key, target, entry["size"], entry["sha256"]))
     return items
 
@@ -270,15 +270,27 @@ def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[lis
         folder = _target_folder(rank_folder, res)
         first = claimed.setdefault(folder, res)
         if first is not res and _source(first) != _source(res):
-            raise Conflict(f"{first.ref.describe()} and {res.ref.describe()} would both restore to {folder}; "
-                           "give one of them another checkpoint or remove it")  # fmt: skip
+            raise Conflict(
+                f"{first.ref.describe()} and {res.ref.describe()} would both restore to {folder}; "
+                "give one of them another checkpoint or remove it"
+            )
         mine = _items_of(res, rank_folder)
         if first is res:
             for item in mine:
                 if items.setdefault(item.target, item) is not item:
                     raise UnsafeManifest(f"{res.ref.describe()}: manifest lists {item.target} twice")
-        restored.append({"ref": res.ref.describe(), "project": res.project, "job_id": res.job_id,
-                         "source_rank": res.source_rank, "checkpoint": res.checkpoint, "step": res.manifest.get("step"),
-                         "committed_at": res.manifest.get("committed_at"), "target": folder, "files": len(mine),
-                         "bytes": sum(i.size for i in mine)})  # fmt: skip
+        restored.append(
+            {
+                "ref": res.ref.describe(),
+                "project": res.project,
+                "job_id": res.job_id,
+                "source_rank": res.source_rank,
+                "checkpoint": res.checkpoint,
+                "step": res.manifest.get("step"),
+                "committed_at": res.manifest.get("committed_at"),
+                "target": folder,
+                "files": len(mine),
+                "bytes": sum(i.size for i in mine),
+            }
+        )
     return list(items.values()), restored

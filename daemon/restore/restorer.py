@@ -141,8 +141,15 @@ async def _all_or_cancel(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
 class _Downloader:
     """Parallel downloads: at most `concurrency` files and `concurrency` chunks (memory) at once."""
 
-    def __init__(self, storage: Storage, concurrency: int, chunk_size: int, total: int,
-                 progress: Callable[[int, int], None] | None, retry_window: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        storage: Storage,
+        concurrency: int,
+        chunk_size: int,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        retry_window: float,
+    ) -> None:
         self.storage, self.concurrency, self.chunk_size = storage, concurrency, chunk_size
         self.files, self.chunks = asyncio.Semaphore(concurrency), asyncio.Semaphore(concurrency)
         self.total, self.done, self.progress, self.retry_window = total, 0, progress, retry_window
@@ -214,8 +221,9 @@ class _Downloader:
         async with self.chunks:
             get = functools.partial(self.storage.get, item.key, start, end)
             try:
-                data = await retrying(get, deadline=Deadline.after(self.retry_window), context={"file": item.target},
-                                      counter=None)
+                data = await retrying(
+                    get, deadline=Deadline.after(self.retry_window), context={"file": item.target}, counter=None
+                )
             except StorageError as exc:
                 if exc.code != "InvalidRange":
                     raise
@@ -226,14 +234,19 @@ class _Downloader:
         self._advance(len(data), item.target)
 
 
-async def _resolve_all(storage: Storage, refs: Sequence[CheckpointRef], default_project: str, rank: int,
-                       retry_window: float) -> tuple[list[Resolved], list[str]]:  # fmt: skip
+async def _resolve_all(
+    storage: Storage, refs: Sequence[CheckpointRef], default_project: str, rank: int, retry_window: float
+) -> tuple[list[Resolved], list[str]]:
     """What every reference names, and the optional ones that name nothing; RestoreFailed if a required one does."""
 
     async def one(ref: CheckpointRef) -> Resolved | None:
         try:
-            return await retrying(functools.partial(resolve, storage, ref, default_project=default_project, rank=rank),
-                                  deadline=Deadline.after(retry_window), context={"ref": ref.describe()}, counter=None)  # fmt: skip
+            return await retrying(
+                functools.partial(resolve, storage, ref, default_project=default_project, rank=rank),
+                deadline=Deadline.after(retry_window),
+                context={"ref": ref.describe()},
+                counter=None,
+            )
         except AmbiguousJob as exc:
             raise RestoreFailed(str(exc)) from None
         except StorageError as exc:
@@ -249,8 +262,6 @@ async def _resolve_all(storage: Storage, refs: Sequence[CheckpointRef], default_
             log.warning("checkpoint reference matches nothing; starting from scratch", ref=ref.describe())
             missing.append(ref.describe())
     return resolved, missing
-
-
 
 
 def _fsync_dirs(items: Iterable[Item], restore_dir: str) -> None:
@@ -273,10 +284,18 @@ def _write_summary(restore_dir: str, rank: int, summary: dict[str, Any]) -> None
     write_atomic(os.path.join(restore_dir, SUMMARY), json_bytes(summary))
 
 
-async def restore(storage: Storage, *, refs: Sequence[CheckpointRef], restore_dir: str, rank: int,
-                  default_project: str, concurrency: int = 8, chunk_size: int = 16 * MiB,
-                  progress: Callable[[int, int], None] | None = None,
-                  retry_window: float = RETRY_WINDOW) -> RestoreReport:  # fmt: skip
+async def restore(
+    storage: Storage,
+    *,
+    refs: Sequence[CheckpointRef],
+    restore_dir: str,
+    rank: int,
+    default_project: str,
+    concurrency: int = 8,
+    chunk_size: int = 16 * MiB,
+    progress: Callable[[int, int], None] | None = None,
+    retry_window: float = RETRY_WINDOW,
+) -> RestoreReport:
     """Restore every reference into `{restore_dir}/rank-{rank}/`; RestoreFailed (or RestoreConflict) if not.
 
     `progress(done_bytes, total_bytes)` is called on the event loop as bytes land; `done_bytes`
@@ -294,11 +313,27 @@ async def restore(storage: Storage, *, refs: Sequence[CheckpointRef], restore_di
     loader = _Downloader(storage, concurrency, chunk_size, total, progress, retry_window)
     await loader.run(items)
     await asyncio.to_thread(_fsync_dirs, items, restore_dir)
-    report = RestoreReport(len(items), total, loader.downloaded_files, loader.downloaded_bytes, loader.kept_files,
-                           round(time.monotonic() - started, 3), restored, missing)  # fmt: skip
+    report = RestoreReport(
+        len(items),
+        total,
+        loader.downloaded_files,
+        loader.downloaded_bytes,
+        loader.kept_files,
+        round(time.monotonic() - started, 3),
+        restored,
+        missing,
+    )
     await asyncio.to_thread(_write_summary, restore_dir, rank, {**asdict(report), "finished_at": utc_now()})
     metrics.RESTORE_DURATION.set(report.seconds)
-    log.info("restore finished", restore_dir=restore_dir, files=report.files, bytes=report.bytes,
-             downloaded_files=report.downloaded_files, downloaded_bytes=report.downloaded_bytes,
-             kept_files=report.kept_files, missing=len(missing), seconds=report.seconds)  # fmt: skip
+    log.info(
+        "restore finished",
+        restore_dir=restore_dir,
+        files=report.files,
+        bytes=report.bytes,
+        downloaded_files=report.downloaded_files,
+        downloaded_bytes=report.downloaded_bytes,
+        kept_files=report.kept_files,
+        missing=len(missing),
+        seconds=report.seconds,
+    )
     return report

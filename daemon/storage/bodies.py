@@ -55,7 +55,7 @@ class _Crc32:
         return self.value.to_bytes(4, "big")
 
 
-def _new_hasher(algorithm: str):  # noqa: ANN202 - hashlib objects have no public common type
+def _new_hasher(algorithm: str):
     return _Crc32() if algorithm == "crc32" else hashlib.new(algorithm)
 
 
@@ -114,7 +114,7 @@ class RangeReader(io.RawIOBase):
         self._pos = base + pos
         return self._pos
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001 - any writable buffer
+    def readinto(self, buffer) -> int:
         want = min(len(buffer), STREAM_CHUNK, self._rng.size - self._pos)
         if want <= 0:
             return 0

@@ -125,9 +125,8 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(
-            e.name for e in entries
-            if e.is_dir() and e.name.startswith(partial) and not e.name.startswith(fs.RESERVED)
-        )  # fmt: skip
+            e.name for e in entries if e.is_dir() and e.name.startswith(partial) and not e.name.startswith(fs.RESERVED)
+        )
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         fs.check_key("get", key)
@@ -141,8 +140,9 @@ class LocalStorage(Storage):
         try:
             size = os.fstat(fd).st_size
             if start and start >= size:
-                raise StorageError("get", key, "InvalidRange", f"start {start} >= size {size}",
-                                   http_status=416, transient=False)  # fmt: skip
+                raise StorageError(
+                    "get", key, "InvalidRange", f"start {start} >= size {size}", http_status=416, transient=False
+                )
             stop = size if end is None else min(end, size)
             chunks, pos = [], start
             while pos < stop:
@@ -205,8 +205,14 @@ class LocalStorage(Storage):
     async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
         fs.check_key("upload_part", key)
         if not 1 <= number <= 10000:
-            raise StorageError("upload_part", key, "InvalidArgument", f"part number {number} "
-                               "is outside 1..10000", http_status=400, transient=False)  # fmt: skip
+            raise StorageError(
+                "upload_part",
+                key,
+                "InvalidArgument",
+                f"part number {number} is outside 1..10000",
+                http_status=400,
+                transient=False,
+            )
         return await self._run("upload_part", key, self._upload_part_sync, key, upload_id, number, body)
 
     def _upload_part_sync(self, key: str, upload_id: str, number: int, body: Body) -> Part:
@@ -241,13 +247,19 @@ class LocalStorage(Storage):
         stored = {p.number: p for p in self._list_parts_sync(key, upload_id)}
         numbers = [p.number for p in parts]
         if not parts or len(set(numbers)) != len(numbers):
-            raise StorageError("complete_multipart", key, "InvalidPartOrder", "no or duplicate parts",
-                               http_status=400, transient=False)  # fmt: skip
+            raise StorageError(
+                "complete_multipart", key, "InvalidPartOrder", "no or duplicate parts", http_status=400, transient=False
+            )
         for part in parts:
             if part.number not in stored or stored[part.number].etag != part.etag:
-                raise StorageError("complete_multipart", key, "InvalidPart",
-                                   f"part {part.number} is missing or has another etag",
-                                   http_status=400, transient=False)  # fmt: skip
+                raise StorageError(
+                    "complete_multipart",
+                    key,
+                    "InvalidPart",
+                    f"part {part.number} is missing or has another etag",
+                    http_status=400,
+                    transient=False,
+                )
 
         def concat(fd: int) -> str:
             for part in parts:

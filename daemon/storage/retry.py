@@ -101,9 +101,14 @@ def should_retry(error: StorageError, attempt_delay: float, now: float, deadline
     return deadline is None or now + attempt_delay < deadline
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Deadline,
-                   context: dict | None = None, counter: Counter | None = metrics.UPLOAD_RETRIES,
-                   observe: Callable[[StorageError | None], None] | None = None) -> T:  # fmt: skip
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    deadline: Deadline,
+    context: dict | None = None,
+    counter: Counter | None = metrics.UPLOAD_RETRIES,
+    observe: Callable[[StorageError | None], None] | None = None,
+) -> T:
     """Run `call` until it succeeds, a permanent error, or the deadline (read at each failure,
     since a drain can set it while we wait). Retries are counted in `counter` by error code;
     `observe` hears every outcome (None for success), for health reporting."""
@@ -120,8 +125,9 @@ async def retrying(call: Callable[[], Awaitable[T]], *, deadline: Deadline,
                 raise
             if counter is not None:
                 counter.labels(reason=e.code).inc()
-            log.info("retrying", op=e.op, key=e.key, code=e.code, attempt=attempt, delay=round(delay, 2),
-                     **(context or {}))  # fmt: skip
+            log.info(
+                "retrying", op=e.op, key=e.key, code=e.code, attempt=attempt, delay=round(delay, 2), **(context or {})
+            )
             await asyncio.sleep(delay)
         else:
             if observe is not None:

@@ -21,16 +21,19 @@ from aiobotocore.session import AioSession
 from botocore import exceptions as bx
 from botocore.loaders import Loader, create_loader
 
-from daemon.storage.options import S3Options
 from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError
+from daemon.storage.options import S3Options
 
 T = TypeVar("T")
 
 # checksum mode -> (hash algorithm, request parameter carrying its base64 value)
-_CHECKSUM_PARAM = {"md5": ("md5", "ContentMD5"), "crc32": ("crc32", "ChecksumCRC32"),
-                   "sha256": ("sha256", "ChecksumSHA256")}  # fmt: skip
+_CHECKSUM_PARAM = {
+    "md5": ("md5", "ContentMD5"),
+    "crc32": ("crc32", "ChecksumCRC32"),
+    "sha256": ("sha256", "ChecksumSHA256"),
+}
 # Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
 _FLEXIBLE = {"crc32": "CRC32", "sha256": "SHA256"}
 # Endpoint/connect-timeout errors derive from bx.ConnectionError; closed/read-timeout from
@@ -104,9 +107,11 @@ class S3Storage(Storage):
                 session = AioSession()
                 session.register_component("data_loader", _shared_loader())
                 creating = session.create_client(
-                    "s3", endpoint_url=self.options.endpoint_url, verify=self.options.ca_bundle,
+                    "s3",
+                    endpoint_url=self.options.endpoint_url,
+                    verify=self.options.ca_bundle,
                     config=_client_config(self.options),
-                )  # fmt: skip
+                )
                 stack = contextlib.AsyncExitStack()
                 try:
                     self._client = await stack.enter_async_context(creating)
@@ -163,9 +168,14 @@ class S3Storage(Storage):
     async def put(self, key: str, body: Body) -> str:
         params = await self._checksum_params(body)
         resp = await self._request(
-            "put", key, "put_object", Key=self._full(key), Body=self._stream(body),
-            **params, **self._sse_params(),
-        )  # fmt: skip
+            "put",
+            key,
+            "put_object",
+            Key=self._full(key),
+            Body=self._stream(body),
+            **params,
+            **self._sse_params(),
+        )
         return resp["ETag"].strip('"')
 
     async def head(self, key: str) -> ObjectInfo | None:
@@ -180,9 +190,7 @@ class S3Storage(Storage):
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         client = await self._get_client()
-        pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._full(prefix)
-        )
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._full(prefix))
         iterator = aiter(pages)
         while True:
             try:
@@ -228,9 +236,10 @@ class S3Storage(Storage):
         client = await self._get_client()
         params = {"Bucket": self.bucket, "Key": self._full(key)}
         return await self._call(
-            "presign", key,
+            "presign",
+            key,
             client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds),
-        )  # fmt: skip
+        )
 
     # -- multipart ----------------------------------------------------------------------------
 
@@ -238,16 +247,21 @@ class S3Storage(Storage):
         params = self._sse_params()
         if self.options.checksum in _FLEXIBLE:
             params["ChecksumAlgorithm"] = _FLEXIBLE[self.options.checksum]
-        resp = await self._request("create_multipart", key, "create_multipart_upload",
-                                   Key=self._full(key), **params)  # fmt: skip
+        resp = await self._request("create_multipart", key, "create_multipart_upload", Key=self._full(key), **params)
         return resp["UploadId"]
 
     async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
         params = await self._checksum_params(body)
         resp = await self._request(
-            "upload_part", key, "upload_part", Key=self._full(key), UploadId=upload_id,
-            PartNumber=number, Body=self._stream(body), **params,
-        )  # fmt: skip
+            "upload_part",
+            key,
+            "upload_part",
+            Key=self._full(key),
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=self._stream(body),
+            **params,
+        )
         checksum = params.get(f"Checksum{_FLEXIBLE.get(self.options.checksum, '')}")
         return Part(number, resp["ETag"].strip('"'), body_size(body), checksum)
 
@@ -260,22 +274,26 @@ class S3Storage(Storage):
                 item[f"Checksum{name}"] = part.checksum
             listed.append(item)
         resp = await self._request(
-            "complete_multipart", key, "complete_multipart_upload", Key=self._full(key),
-            UploadId=upload_id, MultipartUpload={"Parts": listed},
-        )  # fmt: skip
+            "complete_multipart",
+            key,
+            "complete_multipart_upload",
+            Key=self._full(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": listed},
+        )
         return resp["ETag"].strip('"')
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
-            await self._request("abort_multipart", key, "abort_multipart_upload",
-                                Key=self._full(key), UploadId=upload_id)  # fmt: skip
+            await self._request(
+                "abort_multipart", key, "abort_multipart_upload", Key=self._full(key), UploadId=upload_id
+            )
         except StorageError as err:
             if err.code != "NoSuchUpload":
                 raise
 
     async def list_parts(self, key: str, upload_id: str) -> list[Part]:
-        pages = await self._paginate("list_parts", key, "list_parts",
-                                     Key=self._full(key), UploadId=upload_id)  # fmt: skip
+        pages = await self._paginate("list_parts", key, "list_parts", Key=self._full(key), UploadId=upload_id)
         parts = [
             Part(p["PartNumber"], p["ETag"].strip('"'), p["Size"], self._part_checksum(p))
             for page in pages
@@ -284,8 +302,9 @@ class S3Storage(Storage):
         return sorted(parts, key=lambda p: p.number)
 
     async def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
-        pages = await self._paginate("list_multipart_uploads", prefix, "list_multipart_uploads",
-                                     Prefix=self._full(prefix))  # fmt: skip
+        pages = await self._paginate(
+            "list_multipart_uploads", prefix, "list_multipart_uploads", Prefix=self._full(prefix)
+        )
         return [
             PendingUpload(self._rel(u["Key"]), u["UploadId"], u["Initiated"])
             for page in pages

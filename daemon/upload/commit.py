@@ -17,7 +17,6 @@ from daemon.catalog.layout import ROOT_CHECKPOINT, checkpoint_of
 from daemon.catalog.manifest import StoredFile
 
 
-
 def _basename(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 

@@ -18,12 +18,19 @@ import warnings
 from collections.abc import Callable, Iterable
 
 import structlog
-from watchdog.events import EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
 from watchdog.observers.polling import PollingObserver
+
 from daemon.upload.complete import files_open_for_write
 from daemon.upload.scan import SkipDir, needs_polling, scan, walk
 
@@ -81,9 +88,17 @@ class _Handler(FileSystemEventHandler):
 class Detector:
     """Recursive watch of `root` that hands "maybe complete" hints to the event loop."""
 
-    def __init__(self, root: str, loop: asyncio.AbstractEventLoop, on_path: Callable[[str, bool], None], *,
-                 mode: str = "auto", poll_interval: float = 1.0, skip_dir: SkipDir = lambda relpath: False,
-                 pin: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        loop: asyncio.AbstractEventLoop,
+        on_path: Callable[[str, bool], None],
+        *,
+        mode: str = "auto",
+        poll_interval: float = 1.0,
+        skip_dir: SkipDir = lambda relpath: False,
+        pin: Callable[[str], object] | None = None,
+    ) -> None:
         if mode not in ("auto", "inotify", "poll"):
             raise ValueError(f"mode must be auto, inotify or poll, not {mode!r}")
         self._root = os.path.abspath(root)
@@ -103,7 +118,7 @@ class Detector:
 
     @property
     def mode(self) -> str:
-        """"inotify" or "poll" once started (the requested mode before)."""
+        """ "inotify" or "poll" once started (the requested mode before)."""
         return self._mode
 
     @property
@@ -188,8 +203,12 @@ class Detector:
             if first and self._started and not self._stopped:  # at start, start() itself falls back
                 fallback = self._fallback = threading.Thread(target=self._fall_back, daemon=True)
         if first:
-            log.warning("inotify limit reached, falling back to polling", path=path, error=str(e),
-                        hint="raise fs.inotify.max_user_watches / max_user_instances")
+            log.warning(
+                "inotify limit reached, falling back to polling",
+                path=path,
+                error=str(e),
+                hint="raise fs.inotify.max_user_watches / max_user_instances",
+            )
         if fallback is not None:
             fallback.start()
 

@@ -36,6 +36,7 @@ from daemon.upload.throttle import Throttle
 from daemon.upload.transfer import Transfer
 from daemon.upload.worker import Uploader
 
+DRAIN_POLL = 0.05  # seconds between looks at whether the drain is done
 JOURNAL_SYNC = 0.2  # seconds between group fsyncs of the journal
 DISK_CHECK = 1.0  # seconds between free-space checks, when disk pressure relief is on
 FINAL_METADATA = (10.0, 2.0)  # seconds for the last status write: store reachable, or not
@@ -68,19 +69,56 @@ class Engine:
         self.queue = UploadQueue(c.multipart_threshold)
         self.tracker = CheckpointTracker(c.markers, c.quiet_commit)
         self.publisher = Publisher(c, storage, self.tracker, self.deadline, self.health)
-        self.intake = Intake(root=root, staging=self.staging, journal=self.journal, queue=self.queue,
-                             tracker=self.tracker, settle=c.settle_time, ignore=c.ignore_patterns, key_of=self.key)  # fmt: skip
-        transfer = Transfer(storage, self.journal, asyncio.Semaphore(c.parts_in_flight), Throttle(c.bandwidth_limit),
-                            c.multipart_threshold, c.part_size, self.deadline, self.health)  # fmt: skip
-        self.uploader = Uploader(queue=self.queue, transfer=transfer, journal=self.journal, tracker=self.tracker,
-                                 health=self.health, deadline=self.deadline, committed=self.publisher.wake,
-                                 renotice=self.intake.renotice)  # fmt: skip
+        self.intake = Intake(
+            root=root,
+            staging=self.staging,
+            journal=self.journal,
+            queue=self.queue,
+            tracker=self.tracker,
+            settle=c.settle_time,
+            ignore=c.ignore_patterns,
+            key_of=self.key,
+        )
+        transfer = Transfer(
+            storage,
+            self.journal,
+            asyncio.Semaphore(c.parts_in_flight),
+            Throttle(c.bandwidth_limit),
+            c.multipart_threshold,
+            c.part_size,
+            self.deadline,
+            self.health,
+        )
+        self.uploader = Uploader(
+            queue=self.queue,
+            transfer=transfer,
+            journal=self.journal,
+            tracker=self.tracker,
+            health=self.health,
+            deadline=self.deadline,
+            committed=self.publisher.wake,
+            renotice=self.intake.renotice,
+        )
         settler = self.intake.settler
-        self.detector = Detector(root, asyncio.get_running_loop(), settler.notice, mode=c.watch_mode,
-                                 skip_dir=is_state, pin=settler.pin_early)  # fmt: skip
-        self.status = UploadStatus(root=root, storage_url=storage.url, queue=self.queue, settler=settler,
-                                   tracker=self.tracker, uploader=self.uploader, health=self.health,
-                                   detector=self.detector, deadline=self.deadline)  # fmt: skip
+        self.detector = Detector(
+            root,
+            asyncio.get_running_loop(),
+            settler.notice,
+            mode=c.watch_mode,
+            skip_dir=is_state,
+            pin=settler.pin_early,
+        )
+        self.status = UploadStatus(
+            root=root,
+            storage_url=storage.url,
+            queue=self.queue,
+            settler=settler,
+            tracker=self.tracker,
+            uploader=self.uploader,
+            health=self.health,
+            detector=self.detector,
+            deadline=self.deadline,
+        )
         self.tasks = Tasks()
 
     def key(self, relpath: str) -> str:
@@ -109,13 +147,24 @@ class Engine:
         self.tasks.spawn(self.publisher.job_status("RUNNING", None), "job-metadata")
         self.detector.start()
         await self.intake.rescan()
-        log.info("watching", folder=self.root, mode=self.detector.mode, storage=self.storage.url,
-                 journal_files=len(self.journal.state.stored))  # fmt: skip
+        log.info(
+            "watching",
+            folder=self.root,
+            mode=self.detector.mode,
+            storage=self.storage.url,
+            journal_files=len(self.journal.state.stored),
+        )
 
     async def _recover(self) -> None:
         rank = recover.Rank(self.c.project, self.c.job_id, self.c.node_rank)
-        found = await recover.recover(root=self.root, journal=self.journal, staging=self.staging,
-                                      storage=self.storage, health=self.health, rank=rank)  # fmt: skip
+        found = await recover.recover(
+            root=self.root,
+            journal=self.journal,
+            staging=self.staging,
+            storage=self.storage,
+            health=self.health,
+            rank=rank,
+        )
         now = time.monotonic()
         for s in self.journal.state.stored.values():
             self.tracker.stored(s.file(), now)
@@ -125,21 +174,22 @@ class Engine:
             self.tracker.noticed(pin.relpath, now)
             self.queue.put(Job(pin, self.key(pin.relpath)))
 
-    async def shutdown(self, exit_code: int | None = None, timeout: float | None = None) -> Report:
+    async def shutdown(self, exit_code: int | None = None) -> Report:
         """Final scan, drain until the deadline, commit, record, then cancel what is left.
 
         `exit_code` is the trainer's (None in sidecar mode): only a success commits checkpoints
         that have no marker, and it goes into the job metadata.
         """
-        self.deadline.start(self.c.drain_timeout if timeout is None else timeout)
+        self.deadline.start(self.c.drain_timeout)
         log.info("draining", deadline_seconds=round(self.deadline.at - time.monotonic(), 3))
         # The writer is done (trainer exited, or the pod is stopping): the final scan is the truth
         # from here on, and late hints would only re-open files already judged.
         self.detector.stop()
         await self.intake.rescan(retry_failed=True)
         settler = self.intake.settler
-        while (settler.busy() or not self.queue.empty()) and not self.deadline.passed():
-            await asyncio.sleep(0.05)
+        # Polled: "nothing settling and nothing queued" spans two owners, and 50 ms is nothing to a drain.
+        while (settler.busy() or not self.queue.empty()) and not self.deadline.passed():  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL)
         succeeded = exit_code in (None, exits.OK)
         await self.publisher.commit_due(final=succeeded)
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
@@ -148,22 +198,32 @@ class Engine:
         await self.tasks.cancel("drain finished" if not not_stored else "drain deadline passed")
         if in_flight:
             log.warning("uploads cancelled", files=in_flight[:20], count=len(in_flight))
-        report = Report(self.uploader.stored_count, sorted(not_stored), settler.still_writing(),
-                        self.tracker.uncommitted())  # fmt: skip
+        report = Report(
+            self.uploader.stored_count, sorted(not_stored), settler.still_writing(), self.tracker.uncommitted()
+        )
         settler.release_all()
         await self._final_metadata(report, exit_code, succeeded)
         await asyncio.to_thread(self.journal.close)
-        log.info("drained", stored=report.stored, not_stored=report.not_stored[:20],
-                 not_stored_count=len(report.not_stored), uncommitted=report.uncommitted[:20],
-                 still_being_written=report.still_writing[:20])  # fmt: skip
+        log.info(
+            "drained",
+            stored=report.stored,
+            not_stored=report.not_stored[:20],
+            not_stored_count=len(report.not_stored),
+            uncommitted=report.uncommitted[:20],
+            still_being_written=report.still_writing[:20],
+        )
         return report
 
     async def _final_metadata(self, report: Report, exit_code: int | None, succeeded: bool) -> None:
         # A short last chance, shorter still when the store is known to be unreachable.
         self.deadline.grace(FINAL_METADATA[0] if self.health.reachable else FINAL_METADATA[1])
-        await self.publisher.job_status("COMPLETED" if succeeded else "FAILED", exit_code,
-                                        sync_status="COMPLETED" if report.ok else "SYNCING",
-                                        uncommitted=report.uncommitted, failed_files=len(report.not_stored))  # fmt: skip
+        await self.publisher.job_status(
+            "COMPLETED" if succeeded else "FAILED",
+            exit_code,
+            sync_status="COMPLETED" if report.ok else "SYNCING",
+            uncommitted=report.uncommitted,
+            failed_files=len(report.not_stored),
+        )
 
     async def _relieve_disk_pressure(self) -> None:
         if free_bytes(self.root) < self.c.min_free_bytes:

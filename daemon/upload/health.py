@@ -27,8 +27,16 @@ class StoreHealth:
             self.reachable = True
             return
         self.reachable = error.code != "NetworkError"
-        self.recent.append({"at": time.time(), "op": error.op, "key": error.key, "code": error.code,
-                            "message": error.message[:300], "transient": error.transient})  # fmt: skip
+        self.recent.append(
+            {
+                "at": time.time(),
+                "op": error.op,
+                "key": error.key,
+                "code": error.code,
+                "message": error.message[:300],
+                "transient": error.transient,
+            }
+        )
 
     def failed(self, error: StorageError) -> None:
         """A request given up on: a permanent refusal makes the daemon not ready until a file is stored."""

@@ -22,9 +22,18 @@ from daemon.upload.statedir import is_state
 
 
 class Intake:
-    def __init__(self, *, root: str, staging: Staging, journal: jr.Journal, queue: UploadQueue,
-                 tracker: CheckpointTracker, settle: float, ignore: tuple[str, ...],
-                 key_of: Callable[[str], str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        root: str,
+        staging: Staging,
+        journal: jr.Journal,
+        queue: UploadQueue,
+        tracker: CheckpointTracker,
+        settle: float,
+        ignore: tuple[str, ...],
+        key_of: Callable[[str], str],
+    ) -> None:
         self.root, self.journal, self.queue, self.tracker, self.key_of = root, journal, queue, tracker, key_of
         self.settler = Settler(root, staging, settle, ignore, self._noticed, self._complete, self._skip)
 

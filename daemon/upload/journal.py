@@ -12,8 +12,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from daemon.files import write_atomic
 from daemon.catalog.manifest import StoredFile
+from daemon.files import write_atomic
 from daemon.upload.complete import Identity
 from daemon.upload.pin import Pin
 

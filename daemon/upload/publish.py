@@ -70,25 +70,45 @@ class Publisher:
         metrics.LAST_COMMIT_TIME.set(time.time())
         if step is not None:
             metrics.LAST_COMMITTED_STEP.set(step)
-        log.info("checkpoint committed", checkpoint=checkpoint, reason=reason, files=len(files),
-                 bytes=manifest["total_bytes"], step=step)  # fmt: skip
+        log.info(
+            "checkpoint committed",
+            checkpoint=checkpoint,
+            reason=reason,
+            files=len(files),
+            bytes=manifest["total_bytes"],
+            step=step,
+        )
 
     async def job_status(self, status: str, exit_code: int | None, **extra: object) -> None:
         """Write job metadata and this rank's status; a failure is logged and told to the store's health."""
         c, last = self.c, self.tracker.last_commit
-        last_commit = None if last is None else {
-            "checkpoint": last.checkpoint, "step": last.step, "committed_at": last.committed_at,
-        }  # fmt: skip
+        last_commit = (
+            None
+            if last is None
+            else {
+                "checkpoint": last.checkpoint,
+                "step": last.step,
+                "committed_at": last.committed_at,
+            }
+        )
         async with self._metadata_lock:
             try:
                 await self._retrying(lambda: jobmeta.ensure_job(self.storage, c.project, c.job_id, c.group_size))
-                await self._retrying(lambda: jobmeta.write_rank_status(
-                    self.storage, c.project, c.job_id, c.node_rank, status=status, exit_code=exit_code,
-                    last_commit=last_commit, **extra,
-                ))  # fmt: skip
+                await self._retrying(
+                    lambda: jobmeta.write_rank_status(
+                        self.storage,
+                        c.project,
+                        c.job_id,
+                        c.node_rank,
+                        status=status,
+                        exit_code=exit_code,
+                        last_commit=last_commit,
+                        **extra,
+                    )
+                )
             except StorageError as e:
                 log.error("job metadata not written", code=e.code, error=e.message, status=status)
                 self.health.failed(e)
 
-    async def _retrying(self, call):  # noqa: ANN001, ANN202 - a coroutine factory and what it returns
+    async def _retrying(self, call):
         return await retrying(call, deadline=self.deadline, observe=self.health.observe)

@@ -87,7 +87,8 @@ async def _clean_multipart(root: str, journal: jr.Journal, storage: Storage, ran
             await storage.abort_multipart(upload.key, upload.upload_id)
             log.info("stale multipart upload aborted", key=upload.key)
     for relpath, m in list(mine.items()):
-        if not os.path.exists(os.path.join(root, relpath)) and relpath not in adopted:
+        gone = not os.path.exists(os.path.join(root, relpath))  # noqa: ASYNC240 - a few stats at start
+        if gone and relpath not in adopted:
             await storage.abort_multipart(m.key, m.upload_id)
             journal.record("multipart_done", relpath=relpath)
 

@@ -20,8 +20,17 @@ log = structlog.get_logger()
 SkipDir = Callable[[str], bool]
 
 # statfs f_type of file systems where inotify cannot see other machines' writes (inotify(7)).
-NETWORK_FS = {0x6969: "nfs", 0x65735546: "fuse", 0xFE534D42: "smb2", 0xFF534D42: "cifs", 0x00C36400: "ceph",
-              0x0BD00BD0: "lustre", 0x47504653: "gpfs", 0x01021997: "9p"}
+NETWORK_FS = {
+    0x6969: "nfs",
+    0x65735546: "fuse",
+    0xFE534D42: "smb2",
+    0xFF534D42: "cifs",
+    0x00C36400: "ceph",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x01021997: "9p",
+}
+
 
 def scan(root: str, skip_dir: SkipDir = lambda relpath: False) -> Iterator[str]:
     """Absolute paths of every regular file under root, recursively (os.scandir, no symlink following,
@@ -70,5 +79,3 @@ def needs_polling(path: str) -> str | None:
         path = parent
     f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
     return NETWORK_FS.get(f_type & 0xFFFFFFFF)
-
-

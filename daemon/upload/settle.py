@@ -35,9 +35,16 @@ class Candidate:
 
 
 class Settler:
-    def __init__(self, root: str, staging: Staging, settle: float, ignore: tuple[str, ...],
-                 on_notice: Callable[[str], None], on_complete: Callable[[Pin], None],
-                 on_skip: Callable[[str, str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str,
+        staging: Staging,
+        settle: float,
+        ignore: tuple[str, ...],
+        on_notice: Callable[[str], None],
+        on_complete: Callable[[Pin], None],
+        on_skip: Callable[[str, str], None],
+    ) -> None:
         self.root, self.staging, self.settle, self.ignore = root, staging, settle, ignore
         self.on_notice, self.on_complete, self.on_skip = on_notice, on_complete, on_skip
         self.candidates: dict[str, Candidate] = {}
@@ -156,8 +163,9 @@ class Settler:
         if current != c.identity:
             c.identity, c.since = current, now
         c.writing = bool(current and not c.closed and writers and (current.dev, current.ino) in writers)
-        verdict = judge(before=c.identity, now=current, open_for_write=c.writing,
-                        quiet_for=now - c.since, settle=self.settle)  # fmt: skip
+        verdict = judge(
+            before=c.identity, now=current, open_for_write=c.writing, quiet_for=now - c.since, settle=self.settle
+        )
         if verdict is Verdict.WAIT:
             # A file held open may stay so for minutes: look again at a pace that keeps /proc cheap.
             c.due = now + max(self.settle, 0.5) if c.writing else max(c.since + self.settle, now + self.settle / 4)

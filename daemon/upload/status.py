@@ -23,17 +23,31 @@ LISTED = 20  # a status page, not a dump
 
 
 class UploadStatus:
-    def __init__(self, *, root: str, storage_url: str, queue: UploadQueue, settler: Settler,
-                 tracker: CheckpointTracker, uploader: Uploader, health: StoreHealth, detector: Detector,
-                 deadline: Deadline) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        root: str,
+        storage_url: str,
+        queue: UploadQueue,
+        settler: Settler,
+        tracker: CheckpointTracker,
+        uploader: Uploader,
+        health: StoreHealth,
+        detector: Detector,
+        deadline: Deadline,
+    ) -> None:
         self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
         self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
 
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
         jobs, now = self.queue.pending(), time.monotonic()
-        return Backlog(len(jobs), sum(j.size for j in jobs), max((now - j.complete_at for j in jobs), default=0.0),
-                       free_bytes(self.root))  # fmt: skip
+        return Backlog(
+            len(jobs),
+            sum(j.size for j in jobs),
+            max((now - j.complete_at for j in jobs), default=0.0),
+            free_bytes(self.root),
+        )
 
     def not_ready(self) -> list[str]:
         return self.health.not_ready()
@@ -45,8 +59,10 @@ class UploadStatus:
             "pending_bytes": backlog.bytes,
             "oldest_pending_age_seconds": backlog.oldest_age,
             "in_flight": sorted(self.queue.in_flight())[:LISTED],
-            "failed": [{"path": job.relpath, "code": e.code, "message": e.message[:300]}
-                       for job, e in self.queue.failures()[:LISTED]],  # fmt: skip
+            "failed": [
+                {"path": job.relpath, "code": e.code, "message": e.message[:300]}
+                for job, e in self.queue.failures()[:LISTED]
+            ],
             "still_being_written": self.settler.still_writing()[:LISTED],
             "uploaded_files": self.uploader.stored_count,
             "last_errors": list(self.health.recent),

@@ -43,8 +43,13 @@ class Throttle:
     A take that returned is spent, whether or not the caller then sends the bytes.
     """
 
-    def __init__(self, rate: int, burst: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rate: int,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
         if rate < 0:
             raise ValueError(f"rate must be >= 0 bytes/s (0 is unlimited), got {rate}")
         if burst is not None and burst <= 0:

@@ -74,8 +74,12 @@ class Transfer:
         size = pin.identity.size
         sha = await asyncio.to_thread(_sha256, fd, size)
         self.throttle.debit(size)
-        etag = await retrying(lambda: self.storage.put(key, FileRange(fd, 0, size)), deadline=self.deadline, observe=self.health.observe,
-                              context={"path": pin.relpath})  # fmt: skip
+        etag = await retrying(
+            lambda: self.storage.put(key, FileRange(fd, 0, size)),
+            deadline=self.deadline,
+            observe=self.health.observe,
+            context={"path": pin.relpath},
+        )
         _check_unchanged(fd, pin)
         return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
 
@@ -91,8 +95,12 @@ class Transfer:
             parts = sorted([*done.values(), *sent], key=lambda p: p.number)
             sha = await hashing
             _check_unchanged(fd, pin)
-            etag = await retrying(lambda: self.storage.complete_multipart(key, upload_id, parts),
-                                  deadline=self.deadline, observe=self.health.observe, context={"path": pin.relpath})  # fmt: skip
+            etag = await retrying(
+                lambda: self.storage.complete_multipart(key, upload_id, parts),
+                deadline=self.deadline,
+                observe=self.health.observe,
+                context={"path": pin.relpath},
+            )
         except BaseException as e:
             hashing.cancel()
             await self._abort(key, upload_id, pin, e)
@@ -109,27 +117,37 @@ class Transfer:
             except StorageError as e:
                 log.info("multipart upload not resumable", path=pin.relpath, code=e.code)
             else:
-                full = {p.number: p for p in listed if p.size == min(earlier.part_size, pin.identity.size -
-                                                                      (p.number - 1) * earlier.part_size)}
+                full = {
+                    p.number: p
+                    for p in listed
+                    if p.size == min(earlier.part_size, pin.identity.size - (p.number - 1) * earlier.part_size)
+                }
                 log.info("multipart upload resumed", path=pin.relpath, key=key, parts_reused=len(full))
                 return earlier.upload_id, full
         if earlier:
             await self._abort(earlier.key, earlier.upload_id, pin, None)
-        upload_id = await retrying(lambda: self.storage.create_multipart(key), deadline=self.deadline, observe=self.health.observe,
-                                   context={"path": pin.relpath})  # fmt: skip
+        upload_id = await retrying(
+            lambda: self.storage.create_multipart(key),
+            deadline=self.deadline,
+            observe=self.health.observe,
+            context={"path": pin.relpath},
+        )
         part_size = part_size_for(pin.identity.size, self.part_size)
         self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
         await self.journal.sync()  # a crash from here on must find this upload to resume or abort it
         return upload_id, {}
 
-    async def _part(self, fd: int, key: str, upload_id: str, number: int, part_size: int, size: int,
-                    pin: Pin) -> Part:  # fmt: skip
+    async def _part(self, fd: int, key: str, upload_id: str, number: int, part_size: int, size: int, pin: Pin) -> Part:
         offset = (number - 1) * part_size
         body = FileRange(fd, offset, min(part_size, size - offset))
         async with self.parts:
             await self.throttle.take(body.size)
-            part = await retrying(lambda: self.storage.upload_part(key, upload_id, number, body),
-                                  deadline=self.deadline, observe=self.health.observe, context={"path": pin.relpath, "part": number})  # fmt: skip
+            part = await retrying(
+                lambda: self.storage.upload_part(key, upload_id, number, body),
+                deadline=self.deadline,
+                observe=self.health.observe,
+                context={"path": pin.relpath, "part": number},
+            )
         _drop_cache(fd, offset, body.size)
         return part
 

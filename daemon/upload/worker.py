@@ -30,9 +30,18 @@ TRAINER_STATE_LIMIT = 16 << 20  # bytes of trainer_state.json read for metrics
 
 
 class Uploader:
-    def __init__(self, *, queue: UploadQueue, transfer: Transfer, journal: jr.Journal, tracker: CheckpointTracker,
-                 health: StoreHealth, deadline: Deadline, committed: Callable[[], None],
-                 renotice: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        queue: UploadQueue,
+        transfer: Transfer,
+        journal: jr.Journal,
+        tracker: CheckpointTracker,
+        health: StoreHealth,
+        deadline: Deadline,
+        committed: Callable[[], None],
+        renotice: Callable[[str], None],
+    ) -> None:
         """`committed` wakes the publisher; `renotice(relpath)` hands a changed file back to settling."""
         self.queue, self.transfer, self.journal, self.tracker = queue, transfer, journal, tracker
         self.health, self.deadline, self.wake_publisher, self.renotice = health, deadline, committed, renotice
@@ -76,15 +85,28 @@ class Uploader:
         jr.release(self.journal, job.pin)
         self.tracker.stored(StoredFile(job.relpath, job.size, stored.sha256, stored.key, stored.etag), now)
         self.wake_publisher()
-        log.info("uploaded", path=job.relpath, key=job.key, bytes=job.size, seconds=round(seconds, 3),
-                 mb_per_s=round(job.size / max(seconds, 1e-6) / 1e6, 1))  # fmt: skip
+        log.info(
+            "uploaded",
+            path=job.relpath,
+            key=job.key,
+            bytes=job.size,
+            seconds=round(seconds, 3),
+            mb_per_s=round(job.size / max(seconds, 1e-6) / 1e6, 1),
+        )
 
     def _failed(self, job: Job, e: StorageError) -> None:
         metrics.UPLOAD_FAILURES.labels(reason=e.code).inc()
         self.queue.fail(job, e)
         self.health.failed(e)
-        log.error("upload failed", path=job.relpath, key=job.key, code=e.code, error=e.message,
-                  transient=e.transient, retry="no" if self.deadline.is_set else "at next scan")  # fmt: skip
+        log.error(
+            "upload failed",
+            path=job.relpath,
+            key=job.key,
+            code=e.code,
+            error=e.message,
+            transient=e.transient,
+            retry="no" if self.deadline.is_set else "at next scan",
+        )
 
 
 def _read_metrics(pin: Pin) -> dict:

@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from daemon.catalog import jobmeta
-from daemon.catalog import layout
+from daemon.catalog import jobmeta, layout
 from daemon.catalog.jobmeta import COMPLETED, FAILED, RUNNING, SYNCING, JobNotFound
 from daemon.storage import Storage
 from daemon.storage.local import LocalStorage
@@ -65,8 +64,13 @@ def test_rank_status_refuses_values_outside_the_contract(fields):
 
 
 def test_rank_status_fills_defaults():
-    s = jobmeta.rank_status(3, status=RUNNING, sync_status=SYNCING, uncommitted={"b", "a"},
-                            last_commit={"checkpoint": "c-1", "step": 1, "committed_at": "t", "extra": 1})  # fmt: skip
+    s = jobmeta.rank_status(
+        3,
+        status=RUNNING,
+        sync_status=SYNCING,
+        uncommitted={"b", "a"},
+        last_commit={"checkpoint": "c-1", "step": 1, "committed_at": "t", "extra": 1},
+    )
     assert s["hostname"] and datetime.fromisoformat(s["updated_at"]).utcoffset().total_seconds() == 0
     assert (s["exit_code"], s["uncommitted"], s["pending_files"], s["failed_files"]) == (None, ["a", "b"], 0, 0)
     assert s["last_commit"] == {"checkpoint": "c-1", "step": 1, "committed_at": "t"}
@@ -76,8 +80,11 @@ def test_rank_status_fills_defaults():
 async def test_job_object_is_written_once(store):
     first = await jobmeta.ensure_job(store, "proj", "job", 2, created_at=datetime(2026, 1, 1, tzinfo=UTC))
     again = await jobmeta.ensure_job(store, "proj", "job", 2)
-    assert first == again == {"project": "proj", "job_id": "job", "created_at": "2026-01-01T00:00:00+00:00",
-                              "group_size": 2}  # fmt: skip
+    assert (
+        first
+        == again
+        == {"project": "proj", "job_id": "job", "created_at": "2026-01-01T00:00:00+00:00", "group_size": 2}
+    )
 
 
 async def test_nodes_writing_at_once_lose_no_update(store):
@@ -86,10 +93,16 @@ async def test_nodes_writing_at_once_lose_no_update(store):
         for i in range(WRITES_PER_NODE):
             last = i == WRITES_PER_NODE - 1
             await jobmeta.write_rank_status(
-                storage, "proj", "job", rank, status=COMPLETED if last else RUNNING,
-                sync_status=COMPLETED if last else SYNCING, exit_code=0 if last else None,
-                pending_files=WRITES_PER_NODE - 1 - i, hostname=f"node-{rank}",
-            )  # fmt: skip
+                storage,
+                "proj",
+                "job",
+                rank,
+                status=COMPLETED if last else RUNNING,
+                sync_status=COMPLETED if last else SYNCING,
+                exit_code=0 if last else None,
+                pending_files=WRITES_PER_NODE - 1 - i,
+                hostname=f"node-{rank}",
+            )
             await asyncio.sleep(0)  # let the other node's write interleave
 
     async with another_node(store) as other:
@@ -100,8 +113,9 @@ async def test_nodes_writing_at_once_lose_no_update(store):
     job = await jobmeta.read_job(store, "proj", "job")
     assert (job["current_status"], job["checkpoint_sync_status"], job["group_size"]) == (COMPLETED, COMPLETED, 2)
     assert [(s["rank"], s["hostname"], s["pending_files"], s["exit_code"]) for s in job["ranks"]] == [
-        (0, "node-0", 0, 0), (1, "node-1", 0, 0),
-    ]  # fmt: skip
+        (0, "node-0", 0, 0),
+        (1, "node-1", 0, 0),
+    ]
     assert job["updated_at"] == max(s["updated_at"] for s in job["ranks"])
 
 

@@ -74,7 +74,10 @@ def test_non_file_keys_do_not_parse(key):
 
 
 def test_metadata_keys():
-    assert layout.manifest_key("p", "j", 1, "checkpoint-20") == "training_projects/p/jobs/j/manifests/rank-1/checkpoint-20.json"
+    assert (
+        layout.manifest_key("p", "j", 1, "checkpoint-20")
+        == "training_projects/p/jobs/j/manifests/rank-1/checkpoint-20.json"
+    )
     assert layout.manifest_key("p", "j", 0, "_root") != layout.manifest_key("p", "j", 0, ".")
     assert layout.manifest_key("p", "j", 0, ".") == "training_projects/p/jobs/j/manifests/rank-0/.json"
     assert layout.job_metadata_key("p", "j") == "training_projects/p/jobs/j/job.json"

@@ -15,11 +15,11 @@ from daemon.catalog.manifest import (
     StoredFile,
     build_manifest,
     latest_manifest,
-    recency,
     metrics_from_trainer_state,
     parse_manifest,
     parse_step,
     read_manifests,
+    recency,
     write_manifest,
 )
 
@@ -82,9 +82,14 @@ TRAINER_STATE = {
 def test_metrics_from_trainer_state_takes_the_latest_value_of_each():
     metrics = metrics_from_trainer_state(json.dumps(TRAINER_STATE).encode())
     assert metrics == {
-        "global_step": 500, "epoch": 1.5, "best_metric": 0.41, "best_model_checkpoint": "/ckpt/checkpoint-400",
-        "loss": 1.0, "eval_loss": 0.41, "eval_accuracy": 0.7,
-    }  # fmt: skip
+        "global_step": 500,
+        "epoch": 1.5,
+        "best_metric": 0.41,
+        "best_model_checkpoint": "/ckpt/checkpoint-400",
+        "loss": 1.0,
+        "eval_loss": 0.41,
+        "eval_accuracy": 0.7,
+    }
 
 
 @pytest.mark.parametrize(
@@ -111,9 +116,13 @@ def test_metrics_from_bad_trainer_state_never_raise(data, expected):
 def test_build_manifest_lists_files_sorted_with_totals():
     m = manifest("checkpoint-5", T0, "z.bin", "a.json", metrics={"eval_loss": 0.5, "bad": float("inf")})
     assert [f["path"] for f in m["files"]] == ["checkpoint-5/a.json", "checkpoint-5/z.bin"]
-    assert m["files"][0] == {"path": "checkpoint-5/a.json", "size": 6, "sha256": hashlib.sha256(b"a.json").hexdigest(),
-                             "key": layout.file_key("proj", "job", 0, "checkpoint-5/a.json"),
-                             "etag": hashlib.md5(b"a.json").hexdigest()}  # fmt: skip
+    assert m["files"][0] == {
+        "path": "checkpoint-5/a.json",
+        "size": 6,
+        "sha256": hashlib.sha256(b"a.json").hexdigest(),
+        "key": layout.file_key("proj", "job", 0, "checkpoint-5/a.json"),
+        "etag": hashlib.md5(b"a.json").hexdigest(),
+    }
     assert (m["format"], m["step"], m["total_bytes"], m["file_count"]) == (1, 5, 11, 2)
     assert [m[k] for k in ("project", "job_id", "rank", "checkpoint", "reason")] == [
         "proj",
@@ -206,8 +215,11 @@ def test_parse_manifest_refuses_non_objects(data):
 
 async def test_manifests_round_trip_and_latest_is_the_last_committed(store):
     assert await latest_manifest(store, "proj", "job", 0) is None
-    written = [manifest("checkpoint-10", T0), manifest("checkpoint-20", T0 + timedelta(minutes=5)),
-               manifest(".", T0 + timedelta(minutes=1))]  # fmt: skip
+    written = [
+        manifest("checkpoint-10", T0),
+        manifest("checkpoint-20", T0 + timedelta(minutes=5)),
+        manifest(".", T0 + timedelta(minutes=1)),
+    ]
     for m in written:
         await write_manifest(store, m)
     assert await store.head(layout.manifest_key("proj", "job", 0, ".")) is not None

@@ -34,8 +34,16 @@ class Job:
 def job(tmp_path):
     started: list[Daemon] = []
 
-    def start(bucket, job_id: str, *extra: str, rank: int = 0, group: int = 1, refs: list | None = None,
-              trainer: dict | None = None, endpoint: str | None = None) -> Job:  # fmt: skip
+    def start(
+        bucket,
+        job_id: str,
+        *extra: str,
+        rank: int = 0,
+        group: int = 1,
+        refs: list | None = None,
+        trainer: dict | None = None,
+        endpoint: str | None = None,
+    ) -> Job:
         folder = tmp_path / f"{job_id}-rank-{rank}"
         folder.mkdir()
         config = {"load_checkpoint_config": {"enabled": True, "checkpoints": refs or []}}
@@ -43,12 +51,43 @@ def job(tmp_path):
         storage = s3_args(bucket)
         if endpoint:
             storage[storage.index("--s3-endpoint-url") + 1] = endpoint
-        args = ["run", "--config", str(folder / "config.yaml"), *storage, "--project", PROJECT, "--job-id", job_id,
-                "--node-rank", str(rank), "--group-size", str(group), "--checkpoint-dir", str(folder / "ckpt"),
-                "--restore-dir", str(folder / "loaded"), "--settle-time", "0.05", "--metrics-addr", "127.0.0.1:0", "--drain-timeout", "30",
-                "--stop-timeout", "5", *extra, "--", sys.executable, TRAINER]  # fmt: skip
-        env = {**base_env(), **bucket.server.env(), "TRAINER_RECORD": str(folder / "record.json"),
-               "TRAINER_READY": str(folder / "ready"), **(trainer or {})}  # fmt: skip
+        args = [
+            "run",
+            "--config",
+            str(folder / "config.yaml"),
+            *storage,
+            "--project",
+            PROJECT,
+            "--job-id",
+            job_id,
+            "--node-rank",
+            str(rank),
+            "--group-size",
+            str(group),
+            "--checkpoint-dir",
+            str(folder / "ckpt"),
+            "--restore-dir",
+            str(folder / "loaded"),
+            "--settle-time",
+            "0.05",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "30",
+            "--stop-timeout",
+            "5",
+            *extra,
+            "--",
+            sys.executable,
+            TRAINER,
+        ]
+        env = {
+            **base_env(),
+            **bucket.server.env(),
+            "TRAINER_RECORD": str(folder / "record.json"),
+            "TRAINER_READY": str(folder / "ready"),
+            **(trainer or {}),
+        }
         d = Daemon(args, env, folder / "ckptd.log")
         started.append(d)
         return Job(d, folder)
@@ -114,8 +153,10 @@ def test_named_checkpoint_and_latest_of_a_job(job, moto_bucket):
     written = a.record["written"]
     c = job(moto_bucket, "job-c", refs=[named("checkpoint-1", "job-a"), latest_of(job_id="job-a")])
     assert c.daemon.wait() == 0, c.daemon.tail()
-    assert c.record["restored"]["files"] == {**of_checkpoint(written, "checkpoint-1"),
-                                             **of_checkpoint(written, "checkpoint-3")}  # fmt: skip
+    assert c.record["restored"]["files"] == {
+        **of_checkpoint(written, "checkpoint-1"),
+        **of_checkpoint(written, "checkpoint-3"),
+    }
 
 
 def test_two_nodes_each_restore_their_own_rank(job, moto_bucket):
@@ -154,8 +195,7 @@ def test_sigterm_reaches_the_trainer_whose_last_checkpoint_is_stored(job, juicef
 
 
 def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_bucket):
-    j = job(moto_bucket, "job-i", "--stop-timeout", "1",
-            trainer={"TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "ignore"})  # fmt: skip
+    j = job(moto_bucket, "job-i", "--stop-timeout", "1", trainer={"TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "ignore"})
     wait_for(lambda: (j.folder / "ready").exists(), 30, "the trainer to wait")
     j.daemon.signal(signal.SIGTERM)
     assert j.daemon.wait() == 137, j.daemon.tail()
@@ -163,8 +203,14 @@ def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_b
 
 
 def test_store_down_still_reports_success_of_training_and_exits_4(job, moto_bucket):
-    j = job(moto_bucket, "job-down", "--drain-timeout", "3", endpoint=f"http://127.0.0.1:{free_port()}",
-            trainer={"TRAINER_STEPS": "1"})  # fmt: skip
+    j = job(
+        moto_bucket,
+        "job-down",
+        "--drain-timeout",
+        "3",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        trainer={"TRAINER_STEPS": "1"},
+    )
     assert j.daemon.wait() == 4, j.daemon.tail()
     assert j.daemon.events("training finished")[0]["succeeded"] is True
 

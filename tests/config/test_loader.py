@@ -61,7 +61,9 @@ def test_config_file_from_environment(tmp_path):
 
 
 def test_reference_sdk_shape(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 project: my-training-project
 job_id: run-42
 storage: {url: s3://my-bucket/ckpts, endpoint_url: "http://127.0.0.1:9000", region: eu-west-1,
@@ -76,11 +78,16 @@ load_checkpoint_config:
     - {typ: baseten_named_checkpoint, checkpoint_name: checkpoint-20, job_id: gvpql31, required: true}
 start_commands: ["./run.sh"]
 upload: {part_size: 64MiB, concurrency: 4, settle_time: 500ms, ignore_patterns: ["*.bak"], cpu_affinity: "0-1,3"}
-""")
+""",
+    )
     c = load({}, ENV, path)
     assert c.storage == "s3://my-bucket/ckpts"
     assert (c.s3_endpoint_url, c.s3_region, c.s3_addressing_style, c.s3_checksum) == (
-        "http://127.0.0.1:9000", "eu-west-1", "path", "md5")
+        "http://127.0.0.1:9000",
+        "eu-west-1",
+        "path",
+        "md5",
+    )
     assert (c.checkpoint_dir, c.restore_enabled, c.restore_dir) == ("/ckpt", True, "/loaded")
     assert c.checkpoints == (
         CheckpointRef(LATEST, project_name="my-training-project"),
@@ -127,12 +134,25 @@ def test_json_config_file(tmp_path):
         ({"restore_dir": "/tmp/training_checkpoints/loaded"}, {}, "", "load_checkpoint_config.download_folder"),
         ({"s3_sse_kms_key_id": "k"}, {}, "", "storage.sse_kms_key_id"),
         ({"s3_ca_bundle": "/nonexistent/ca.pem"}, {}, "", "storage.ca_bundle"),
-        ({}, {}, "load_checkpoint_config: {checkpoints: [{typ: baseten_latest_checkpoint}]}\n",
-         "load_checkpoint_config.checkpoints"),
-        ({}, {}, "load_checkpoint_config: {checkpoints: [{typ: nope, job_id: j}]}\n",
-         "load_checkpoint_config.checkpoints"),
-        ({}, {}, "load_checkpoint_config: {checkpoints: [{typ: baseten_named_checkpoint, job_id: j, "
-         "checkpoint_name: ../x}]}\n", "load_checkpoint_config.checkpoints"),
+        (
+            {},
+            {},
+            "load_checkpoint_config: {checkpoints: [{typ: baseten_latest_checkpoint}]}\n",
+            "load_checkpoint_config.checkpoints",
+        ),
+        (
+            {},
+            {},
+            "load_checkpoint_config: {checkpoints: [{typ: nope, job_id: j}]}\n",
+            "load_checkpoint_config.checkpoints",
+        ),
+        (
+            {},
+            {},
+            "load_checkpoint_config: {checkpoints: [{typ: baseten_named_checkpoint, job_id: j, "
+            "checkpoint_name: ../x}]}\n",
+            "load_checkpoint_config.checkpoints",
+        ),
         ({}, {}, "project: [1, 2]\n", "project"),
         ({}, {}, "a: [unclosed\n", "config"),
     ],
@@ -151,8 +171,10 @@ def test_missing_config_file_is_a_config_error(tmp_path):
 
 
 def test_credentials_in_urls_are_refused_without_echoing_them():
-    for flags in ({"storage": "s3://AKIAXXXX:hunter2hunter2@bucket/p"},
-                  {"s3_endpoint_url": "https://AKIAXXXX:hunter2hunter2@s3.example.com"}):
+    for flags in (
+        {"storage": "s3://AKIAXXXX:hunter2hunter2@bucket/p"},
+        {"s3_endpoint_url": "https://AKIAXXXX:hunter2hunter2@s3.example.com"},
+    ):
         with pytest.raises(ConfigError) as e:
             load(flags, ENV)
         assert "hunter2" not in str(e.value) and "AKIAXXXX" not in str(e.value)
@@ -162,7 +184,19 @@ def test_every_setting_has_help_and_a_valid_default():
     for name, spec in SPECS.items():
         assert spec.help.strip(), name
         assert spec.key.split(".")[0] in {
-            "project", "job_id", "node_rank", "group_size", "log_level", "log_format", "storage",
-            "checkpointing_config", "upload", "drain_timeout", "load_checkpoint_config", "start_commands",
-            "stop_timeout", "metrics_addr"}, name  # fmt: skip
+            "project",
+            "job_id",
+            "node_rank",
+            "group_size",
+            "log_level",
+            "log_format",
+            "storage",
+            "checkpointing_config",
+            "upload",
+            "drain_timeout",
+            "load_checkpoint_config",
+            "start_commands",
+            "stop_timeout",
+            "metrics_addr",
+        }, name
     load({}, ENV)  # parses every default

@@ -13,10 +13,10 @@ from fwkit import Job, start_job
 
 
 @pytest.fixture
-def ckptd_job(tmp_path) -> Iterator[Callable[..., Job]]:  # noqa: ANN001
+def ckptd_job(tmp_path) -> Iterator[Callable[..., Job]]:
     started: list[Daemon] = []
 
-    def start(*args, **kwargs) -> Job:  # noqa: ANN002, ANN003
+    def start(*args, **kwargs) -> Job:
         return start_job(tmp_path, started, *args, **kwargs)
 
     yield start

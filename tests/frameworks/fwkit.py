@@ -20,8 +20,17 @@ TRAINERS = Path(__file__).resolve().parent / "trainers"
 HF_TRAIN = [sys.executable, str(TRAINERS / "hf_train.py")]
 DCP_TRAIN = [sys.executable, str(TRAINERS / "dcp_train.py")]
 # Two processes on this machine, gloo, a free rendezvous port: how a user starts a DCP job.
-DCP_TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--monitor-interval", "0.1", str(TRAINERS / "dcp_train.py")]  # fmt: skip
+DCP_TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc-per-node",
+    "2",
+    "--monitor-interval",
+    "0.1",
+    str(TRAINERS / "dcp_train.py"),
+]
 
 INSTALL = "pip install torch==2.13.0 (first: the CPU build), then pip install transformers accelerate"
 
@@ -38,11 +47,19 @@ def require(*modules: str) -> None:
 def trainer_env(home: Path) -> dict[str, str]:
     """Small, quiet, offline trainers on a small machine."""
     return {
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HOME": str(home / "hf-home"), "TRANSFORMERS_VERBOSITY": "warning", "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(home / "hf-home"),
+        "TRANSFORMERS_VERBOSITY": "warning",
+        "PYTHONUNBUFFERED": "1",
         "GLOO_SOCKET_IFNAME": "lo",
-    }  # fmt: skip
+    }
 
 
 class Job:
@@ -71,13 +88,25 @@ def files_under(root: Path, sub: str = "") -> dict[str, str]:
     base = root / sub if sub else root
     if not base.is_dir():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(base.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(base.rglob("*"))
+        if p.is_file()
+    }
 
 
-def start_job(tmp_path: Path, started: list[Daemon], bucket: S3Bucket, job_id: str, command: list[str], *,
-              rank: int = 0, group: int = 1, refs: list[dict] | None = None,
-              env: dict[str, str] | None = None) -> Job:  # fmt: skip
+def start_job(
+    tmp_path: Path,
+    started: list[Daemon],
+    bucket: S3Bucket,
+    job_id: str,
+    command: list[str],
+    *,
+    rank: int = 0,
+    group: int = 1,
+    refs: list[dict] | None = None,
+    env: dict[str, str] | None = None,
+) -> Job:
     """`ckptd run` for one node, configured like a user's job definition (config file + flags)."""
     folder = tmp_path / f"{job_id}-rank-{rank}"
     folder.mkdir()
@@ -86,15 +115,40 @@ def start_job(tmp_path: Path, started: list[Daemon], bucket: S3Bucket, job_id: s
         "project": PROJECT,
         "job_id": job_id,
         "checkpointing_config": {"enabled": True, "checkpoint_path": str(folder / "ckpt")},
-        "load_checkpoint_config": {"enabled": bool(refs), "download_folder": str(folder / "loaded"),
-                                   "checkpoints": refs or []},
-    }  # fmt: skip
+        "load_checkpoint_config": {
+            "enabled": bool(refs),
+            "download_folder": str(folder / "loaded"),
+            "checkpoints": refs or [],
+        },
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    args = ["run", "--config", str(folder / "config.yaml"), *s3_args(bucket), "--node-rank", str(rank),
-            "--group-size", str(group), "--settle-time", "0.05", "--metrics-addr", "127.0.0.1:0",
-            "--drain-timeout", "60", "--stop-timeout", "5", "--", *command]  # fmt: skip
-    environ = {**base_env(), **bucket.server.env(), **trainer_env(tmp_path), "TRAINER_OUT": str(folder / "out"),
-               **(env or {})}  # fmt: skip
+    args = [
+        "run",
+        "--config",
+        str(folder / "config.yaml"),
+        *s3_args(bucket),
+        "--node-rank",
+        str(rank),
+        "--group-size",
+        str(group),
+        "--settle-time",
+        "0.05",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "60",
+        "--stop-timeout",
+        "5",
+        "--",
+        *command,
+    ]
+    environ = {
+        **base_env(),
+        **bucket.server.env(),
+        **trainer_env(tmp_path),
+        "TRAINER_OUT": str(folder / "out"),
+        **(env or {}),
+    }
     daemon = Daemon(args, environ, folder / "ckptd.log")
     started.append(daemon)
     return Job(daemon, folder, job_id, rank)
@@ -138,7 +192,7 @@ def stored_files(bucket: S3Bucket, job_id: str, rank: int = 0) -> dict[str, str]
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name, Prefix=prefix):
         for item in page.get("Contents", []):
             body = client.get_object(Bucket=bucket.name, Key=item["Key"])["Body"].read()
-            out[item["Key"][len(prefix):]] = hashlib.sha256(body).hexdigest()
+            out[item["Key"][len(prefix) :]] = hashlib.sha256(body).hexdigest()
     return out
 
 

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import sys
 
-from fwkit import (DCP_TORCHRUN, assert_equal_states, checkpoints_of, latest_of, manifest_files, manifests_listed,
-                   of_checkpoint, require, stored_files, stored_json)  # fmt: skip
+from fwkit import (
+    DCP_TORCHRUN,
+    assert_equal_states,
+    checkpoints_of,
+    latest_of,
+    manifest_files,
+    manifests_listed,
+    of_checkpoint,
+    require,
+    stored_files,
+    stored_json,
+)
 
 SHARDS = {".metadata", "__0_0.distcp", "__1_0.distcp"}
 

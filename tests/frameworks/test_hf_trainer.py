@@ -10,8 +10,17 @@ from __future__ import annotations
 import json
 
 from daemons import PROJECT
-from fwkit import (HF_TRAIN, checkpoints_of, latest_of, manifest_files, manifests_listed, of_checkpoint, require,
-                   stored_files, stored_json)  # fmt: skip
+from fwkit import (
+    HF_TRAIN,
+    checkpoints_of,
+    latest_of,
+    manifest_files,
+    manifests_listed,
+    of_checkpoint,
+    require,
+    stored_files,
+    stored_json,
+)
 
 CHECKPOINTS = [f"checkpoint-{n}" for n in (2, 4, 6, 8, 10)]  # max_steps 10, save_steps 2
 

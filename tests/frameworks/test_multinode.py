@@ -5,8 +5,17 @@ plain-process mode of tests/frameworks/trainers/dcp_train.py, seeded by BT_NODE_
 
 from __future__ import annotations
 
-from fwkit import (DCP_TRAIN, assert_equal_states, checkpoints_of, latest_of, manifest_files, of_checkpoint, require,
-                   stored_files, stored_json)  # fmt: skip
+from fwkit import (
+    DCP_TRAIN,
+    assert_equal_states,
+    checkpoints_of,
+    latest_of,
+    manifest_files,
+    of_checkpoint,
+    require,
+    stored_files,
+    stored_json,
+)
 
 
 def test_each_node_stores_and_restores_its_own_rank(ckptd_job, juicefs_bucket):
@@ -28,8 +37,12 @@ def test_each_node_stores_and_restores_its_own_rank(ckptd_job, juicefs_bucket):
     assert stored_files(juicefs_bucket, "mn-a", 0) != stored_files(juicefs_bucket, "mn-a", 1)  # same names, own bytes
 
     # A new two-node job: each node gets its own rank's files, and its trainer loads its own state.
-    second = [ckptd_job(juicefs_bucket, "mn-b", DCP_TRAIN, rank=r, group=2, refs=[latest_of(job_id="mn-a")],
-                        env={"DCP_STEPS": "3"}) for r in (0, 1)]  # fmt: skip
+    second = [
+        ckptd_job(
+            juicefs_bucket, "mn-b", DCP_TRAIN, rank=r, group=2, refs=[latest_of(job_id="mn-a")], env={"DCP_STEPS": "3"}
+        )
+        for r in (0, 1)
+    ]
     assert [n.wait() for n in second] == [0, 0], second[0].daemon.tail() + "\n" + second[1].daemon.tail()
     for old, new in zip(first, second, strict=True):
         assert sorted(p.name for p in new.loaded.glob("rank-*")) == [f"rank-{new.rank}"]

@@ -8,10 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.catalog import layout
-from daemon.catalog.manifest import StoredFile
-from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.catalog.jobmeta import ensure_job
-from daemon.catalog.manifest import build_manifest, write_manifest
+from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
+from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore.resolve import (
     AmbiguousJob,
     Conflict,
@@ -27,8 +26,17 @@ from daemon.restore.resolve import (
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
-async def commit(storage, project: str, job: str, rank: int, checkpoint: str, files: dict[str, bytes],
-                 at: datetime, *, upload: bool = True) -> dict:  # fmt: skip
+async def commit(
+    storage,
+    project: str,
+    job: str,
+    rank: int,
+    checkpoint: str,
+    files: dict[str, bytes],
+    at: datetime,
+    *,
+    upload: bool = True,
+) -> dict:
     """Store a checkpoint's files (unless `upload` is off) and its commit manifest, as ckptd does."""
     stored = []
     for name, data in files.items():
@@ -186,8 +194,10 @@ def test_plan_puts_files_under_this_nodes_rank(tmp_path):
     ref = resolved("a", "checkpoint-20", "checkpoint-20/m.bin", "checkpoint-20/d/x")
     items, restored = plan([ref], str(tmp_path), rank=3)
     folder = tmp_path / "rank-3" / "checkpoint-20"
-    assert items == [Item("k/a/checkpoint-20/m.bin", str(folder / "m.bin"), 19, "0" * 64),
-                     Item("k/a/checkpoint-20/d/x", str(folder / "d" / "x"), 17, "0" * 64)]  # fmt: skip
+    assert items == [
+        Item("k/a/checkpoint-20/m.bin", str(folder / "m.bin"), 19, "0" * 64),
+        Item("k/a/checkpoint-20/d/x", str(folder / "d" / "x"), 17, "0" * 64),
+    ]
     assert [(r["source_rank"], r["target"], r["files"], r["bytes"]) for r in restored] == [(0, str(folder), 2, 36)]
 
 

@@ -14,11 +14,11 @@ from test_resolve import T0, commit
 
 from daemon import metrics
 from daemon.catalog import layout
-from daemon.restore import restorer as restore_mod
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
+from daemon.restore import restorer as restore_mod
 from daemon.restore.resolve import Resolved
+from daemon.restore.restorer import PART_SUFFIX, SUMMARY, MiB, RestoreConflict, RestoreFailed, restore
 from daemon.storage import StorageError
-from daemon.restore.restorer import MiB, PART_SUFFIX, SUMMARY, RestoreConflict, RestoreFailed, restore
 
 CHUNK = MiB
 
@@ -82,8 +82,9 @@ async def source(store):
 
 
 async def run(storage, refs, restore_dir: Path, rank: int = 0, **kw):
-    return await restore(storage, refs=refs, restore_dir=str(restore_dir), rank=rank, default_project="proj",
-                         chunk_size=CHUNK, **kw)  # fmt: skip
+    return await restore(
+        storage, refs=refs, restore_dir=str(restore_dir), rank=rank, default_project="proj", chunk_size=CHUNK, **kw
+    )
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -106,7 +107,12 @@ async def test_restores_byte_identical_with_ranged_gets(source, out):
     assert tree(out / "rank-0") == {f"checkpoint-20/{k}": v for k, v in FILES.items()}
     total = sum(map(len, FILES.values()))
     assert (report.files, report.bytes, report.downloaded_files, report.downloaded_bytes, report.kept_files) == (
-        5, total, 5, total, 0)  # fmt: skip
+        5,
+        total,
+        5,
+        total,
+        0,
+    )
     big = layout.file_key("proj", "src", 0, "checkpoint-20/model.safetensors")
     ranges = sorted((s, e) for k, s, e in spy.gets if k == big)
     assert ranges == [(i * CHUNK, min((i + 1) * CHUNK, len(FILES["model.safetensors"]))) for i in range(6)]
@@ -122,11 +128,24 @@ async def test_summary_file(source, out):
     report = await run(source, [ref(), ref("checkpoint-99")], out)
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["missing"] == report.missing == [ref("checkpoint-99").describe()]
-    assert summary["restored"] == report.restored == [{
-        "ref": ref().describe(), "project": "proj", "job_id": "src", "source_rank": 0, "checkpoint": "checkpoint-20",
-        "step": 20, "committed_at": T0.isoformat(), "target": str(out / "rank-0" / "checkpoint-20"),
-        "files": 5, "bytes": sum(map(len, FILES.values())),
-    }]  # fmt: skip
+    assert (
+        summary["restored"]
+        == report.restored
+        == [
+            {
+                "ref": ref().describe(),
+                "project": "proj",
+                "job_id": "src",
+                "source_rank": 0,
+                "checkpoint": "checkpoint-20",
+                "step": 20,
+                "committed_at": T0.isoformat(),
+                "target": str(out / "rank-0" / "checkpoint-20"),
+                "files": 5,
+                "bytes": sum(map(len, FILES.values())),
+            }
+        ]
+    )
     assert (summary["files"], summary["downloaded_files"], summary["seconds"]) == (5, 5, report.seconds)
     assert summary["finished_at"].endswith("+00:00")
 
@@ -224,9 +243,20 @@ async def test_escaping_manifest_entry_writes_nothing_outside(source, out, monke
 async def test_unparseable_manifest_is_never_restored(store, out):
     # A manifest that fails validation (here: an escaping path) names no checkpoint at all.
     entry = {"path": "../../escaped", "size": 1, "sha256": hashlib.sha256(b"x").hexdigest(), "key": "k", "etag": "e"}
-    bad = {"format": 1, "project": "proj", "job_id": "src", "rank": 0, "checkpoint": "checkpoint-1", "step": 1,
-           "committed_at": T0.isoformat(), "reason": "marker", "total_bytes": 1, "file_count": 1, "files": [entry],
-           "metrics": {}}  # fmt: skip
+    bad = {
+        "format": 1,
+        "project": "proj",
+        "job_id": "src",
+        "rank": 0,
+        "checkpoint": "checkpoint-1",
+        "step": 1,
+        "committed_at": T0.isoformat(),
+        "reason": "marker",
+        "total_bytes": 1,
+        "file_count": 1,
+        "files": [entry],
+        "metrics": {},
+    }
     await store.put(layout.manifest_key("proj", "src", 0, "checkpoint-1"), json.dumps(bad).encode())
     await store.put("k", b"x")
     with pytest.raises(RestoreFailed, match="matches no committed checkpoint"):
@@ -252,7 +282,9 @@ async def test_two_references_to_the_same_checkpoint_are_one(source, out):
 async def test_root_pseudo_checkpoint_and_several_references(source, out):
     await commit(source, "proj", "final", 0, ".", {"model.bin": b"final model", "config.json": b"{}"}, T0)
     report = await run(source, [ref(), CheckpointRef(LATEST, job_id="final")], out)
-    assert tree(out / "rank-0") == {"model.bin": b"final model", "config.json": b"{}",
-                                         **{f"checkpoint-20/{k}": v for k, v in FILES.items()}}  # fmt: skip
-    assert [r["target"] for r in report.restored] == [str(out / "rank-0" / "checkpoint-20"),
-                                                      str(out / "rank-0")]  # fmt: skip
+    assert tree(out / "rank-0") == {
+        "model.bin": b"final model",
+        "config.json": b"{}",
+        **{f"checkpoint-20/{k}": v for k, v in FILES.items()},
+    }
+    assert [r["target"] for r in report.restored] == [str(out / "rank-0" / "checkpoint-20"), str(out / "rank-0")]

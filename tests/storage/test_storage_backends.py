@@ -17,7 +17,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def data_file(tmp_path: Path):  # noqa: ANN201
+def data_file(tmp_path: Path):
     """Write bytes to a file and return an open read-only fd (closed after the test)."""
     fds: list[int] = []
 
@@ -45,7 +45,7 @@ async def test_put_head_get_roundtrip(store: Storage) -> None:
     assert await store.get("job/rank-0/a.bin") == b"hello world"
 
 
-async def test_put_overwrites_and_accepts_empty_and_file_range(store: Storage, data_file) -> None:  # noqa: ANN001
+async def test_put_overwrites_and_accepts_empty_and_file_range(store: Storage, data_file) -> None:
     await store.put("k", b"old contents")
     await store.put("k", b"")
     assert await store.get("k") == b""
@@ -114,7 +114,7 @@ async def test_list_paginates_past_1000_keys(store: Storage) -> None:
     assert listed == [f"many/{i:05d}" for i in range(1100)]
 
 
-async def test_multipart_bytes_and_file_range(store: Storage, data_file) -> None:  # noqa: ANN001
+async def test_multipart_bytes_and_file_range(store: Storage, data_file) -> None:
     first, second = os.urandom(5 * MiB), os.urandom(MiB + 17)
     fd = data_file(b"junk" + second + b"junk")
     upload = await store.create_multipart("mp/obj")
@@ -150,16 +150,18 @@ async def test_abort_and_list_multipart_uploads(store: Storage) -> None:
     assert await store.list_multipart_uploads("") == []
 
 
-async def test_64_mib_multipart_roundtrip_is_byte_identical(store: Storage, data_file) -> None:  # noqa: ANN001
+async def test_64_mib_multipart_roundtrip_is_byte_identical(store: Storage, data_file) -> None:
     """The acceptance point: a big file, uploaded as concurrent parts read straight from disk."""
     data = os.urandom(64 * MiB)
     fd = data_file(data)
     part_size = 16 * MiB
     upload = await store.create_multipart("big/model.safetensors")
-    parts = await asyncio.gather(*(
-        store.upload_part("big/model.safetensors", upload, n + 1, FileRange(fd, n * part_size, part_size))
-        for n in range(4)
-    ))  # fmt: skip
+    parts = await asyncio.gather(
+        *(
+            store.upload_part("big/model.safetensors", upload, n + 1, FileRange(fd, n * part_size, part_size))
+            for n in range(4)
+        )
+    )
     await store.complete_multipart("big/model.safetensors", upload, list(parts))
     assert (await store.head("big/model.safetensors")).size == len(data)
     stored = await store.get("big/model.safetensors")

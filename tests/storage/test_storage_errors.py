@@ -82,9 +82,15 @@ def test_translate_keeps_query_strings_out() -> None:
 
 @pytest.mark.parametrize(
     ("checksum", "signing", "expected"),
-    [("crc32", "auto", False), ("md5", "auto", False), ("sha256", "auto", False),
-     ("none", "auto", True), ("crc32", "on", True), ("none", "off", False)],
-)  # fmt: skip
+    [
+        ("crc32", "auto", False),
+        ("md5", "auto", False),
+        ("sha256", "auto", False),
+        ("none", "auto", True),
+        ("crc32", "on", True),
+        ("none", "off", False),
+    ],
+)
 def test_client_config(checksum: str, signing: str, expected: bool) -> None:
     config = _client_config(S3Options(checksum=checksum, payload_signing=signing, addressing_style="path"))
     assert config.s3 == {"addressing_style": "path", "payload_signing_enabled": expected}
@@ -94,7 +100,7 @@ def test_client_config(checksum: str, signing: str, expected: bool) -> None:
     assert config.retries["total_max_attempts"] <= 2
 
 
-async def test_bad_endpoint_is_a_permanent_setup_error(aws_env) -> None:  # noqa: ANN001
+async def test_bad_endpoint_is_a_permanent_setup_error(aws_env) -> None:
     async with S3Storage("bucket", "", S3Options(endpoint_url="not a url")) as store:
         with pytest.raises(StorageError) as err:
             await store.put("k", b"x")
@@ -121,13 +127,27 @@ def test_storage_url_parse(url: str, scheme: str, bucket: str, prefix: str) -> N
 
 @pytest.mark.parametrize(
     "url",
-    ["", "bucket/path", "http://host/x", "s3://", "s3:///prefix", "s3://ab", "s3://user:pw@bucket",
-     "s3://bucket?versionId=1", "s3://bucket#frag", "s3://Bad_Bucket!", "s3://bucket/a//b",
-     "s3://bucket/a/../b", "s3://bucket/./a", "file://host/path", "file:relative",
-     "file:///a/../b"],
-)  # fmt: skip
+    [
+        "",
+        "bucket/path",
+        "http://host/x",
+        "s3://",
+        "s3:///prefix",
+        "s3://ab",
+        "s3://user:pw@bucket",
+        "s3://bucket?versionId=1",
+        "s3://bucket#frag",
+        "s3://Bad_Bucket!",
+        "s3://bucket/a//b",
+        "s3://bucket/a/../b",
+        "s3://bucket/./a",
+        "file://host/path",
+        "file:relative",
+        "file:///a/../b",
+    ],
+)
 def test_storage_url_parse_rejects(url: str) -> None:
-    with pytest.raises(ValueError, match="expected|bucket|prefix|path|credentials|absolute"):
+    with pytest.raises(ValueError, match=r"expected|bucket|prefix|path|credentials|absolute"):
         StorageURL.parse(url)
 
 

@@ -21,9 +21,10 @@ async def local(tmp_path: Path) -> LocalStorage:
 def debris(root: Path) -> list[str]:
     """Temporary files and upload folders left anywhere under the store."""
     return [
-        str(path.relative_to(root)) for path in root.rglob("*")
+        str(path.relative_to(root))
+        for path in root.rglob("*")
         if path.name.startswith(localfs.TMP_PREFIX) or path.parent.name == ".ckptd-multipart"
-    ]  # fmt: skip
+    ]
 
 
 async def test_writes_leave_no_temporary_files(local: LocalStorage) -> None:
@@ -39,12 +40,29 @@ async def test_writes_leave_no_temporary_files(local: LocalStorage) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["", "/abs", "../escape", "a/../../escape", "a//b", "a/./b", "a/", "nul\0byte",
-     ".ckptd-multipart/x", "a/.ckptd-tmp-123", ".ckptd-anything"],
-)  # fmt: skip
+    [
+        "",
+        "/abs",
+        "../escape",
+        "a/../../escape",
+        "a//b",
+        "a/./b",
+        "a/",
+        "nul\0byte",
+        ".ckptd-multipart/x",
+        "a/.ckptd-tmp-123",
+        ".ckptd-anything",
+    ],
+)
 async def test_unsafe_or_reserved_keys_are_refused(local: LocalStorage, key: str) -> None:
-    for attempt in (local.put(key, b"x"), local.get(key), local.head(key), local.delete(key),
-                    local.create_multipart(key), local.presign_get(key, 60)):  # fmt: skip
+    for attempt in (
+        local.put(key, b"x"),
+        local.get(key),
+        local.head(key),
+        local.delete(key),
+        local.create_multipart(key),
+        local.presign_get(key, 60),
+    ):
         with pytest.raises(StorageError) as err:
             await attempt
         assert (err.value.code, err.value.transient) == ("InvalidKey", False)
@@ -90,7 +108,7 @@ async def test_etag_is_content_md5_and_stable(local: LocalStorage) -> None:
     assert [i.etag async for i in local.list("")] == [etag]
 
 
-async def test_etag_without_xattr_support_is_still_consistent(local: LocalStorage, monkeypatch) -> None:  # noqa: ANN001
+async def test_etag_without_xattr_support_is_still_consistent(local: LocalStorage, monkeypatch) -> None:
     def unsupported(*_: object) -> None:
         raise OSError(errno.ENOTSUP, "Operation not supported")
 

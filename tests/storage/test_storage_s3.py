@@ -44,7 +44,7 @@ async def record_requests(store: S3Storage) -> list[tuple[str, str, dict[str, st
     """Capture (method, path, headers) of every request the store's client sends from now on."""
     seen: list[tuple[str, str, dict[str, str]]] = []
 
-    def record(request, **_: object) -> None:  # noqa: ANN001
+    def record(request, **_: object) -> None:
         headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
         seen.append((request.method, urlsplit(request.url).path, headers))
 
@@ -54,7 +54,7 @@ async def record_requests(store: S3Storage) -> list[tuple[str, str, dict[str, st
 
 
 @pytest.fixture
-def source_fd(tmp_path):  # noqa: ANN001, ANN201
+def source_fd(tmp_path):
     path = tmp_path / "source.bin"
     data = os.urandom(5 * MiB)
     path.write_bytes(data)
@@ -64,7 +64,7 @@ def source_fd(tmp_path):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("mode", ["crc32", "md5", "sha256", "none"])
-async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: str) -> None:  # noqa: ANN001
+async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: str) -> None:
     fd, data = source_fd
     store = make_s3_store(checksum=mode)
     seen = await record_requests(store)
@@ -97,7 +97,7 @@ async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: 
     ("checksum", "signing", "signed"),
     [("crc32", "auto", False), ("none", "auto", True), ("md5", "on", True), ("none", "off", False)],
 )
-async def test_payload_signing(make_s3_store, source_fd, checksum: str, signing: str, signed: bool) -> None:  # noqa: ANN001
+async def test_payload_signing(make_s3_store, source_fd, checksum: str, signing: str, signed: bool) -> None:
     fd, data = source_fd
     store = make_s3_store(checksum=checksum, payload_signing=signing)
     seen = await record_requests(store)
@@ -108,7 +108,7 @@ async def test_payload_signing(make_s3_store, source_fd, checksum: str, signing:
     assert content_sha == expected
 
 
-async def test_prefix_is_applied_and_stripped(s3_bucket: S3Bucket, make_s3_store) -> None:  # noqa: ANN001
+async def test_prefix_is_applied_and_stripped(s3_bucket: S3Bucket, make_s3_store) -> None:
     prefixed, bare = make_s3_store("team/ckpts"), make_s3_store("", addressing_style="path")
     seen = await record_requests(bare)
     await prefixed.put("job/a", b"1")
@@ -136,7 +136,7 @@ async def test_missing_bucket_is_permanent(s3_bucket: S3Bucket) -> None:
 
 
 @pytest.mark.parametrize("wrong", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
-async def test_wrong_credentials_are_permanent(juicefs_bucket: S3Bucket, aws_env, wrong: str) -> None:  # noqa: ANN001
+async def test_wrong_credentials_are_permanent(juicefs_bucket: S3Bucket, aws_env, wrong: str) -> None:
     aws_env.setenv(wrong, "not-the-right-value")
     async with juicefs_bucket.storage() as store:
         with pytest.raises(StorageError) as err:
@@ -146,7 +146,7 @@ async def test_wrong_credentials_are_permanent(juicefs_bucket: S3Bucket, aws_env
     assert "not-the-right-value" not in str(err.value)
 
 
-async def test_no_credentials_is_permanent(aws_env) -> None:  # noqa: ANN001
+async def test_no_credentials_is_permanent(aws_env) -> None:
     endpoint = f"http://127.0.0.1:{servers.free_port()}"
     async with S3Storage("bucket", "", S3Options(endpoint_url=endpoint)) as store:
         with pytest.raises(StorageError) as err:
@@ -154,7 +154,7 @@ async def test_no_credentials_is_permanent(aws_env) -> None:  # noqa: ANN001
     assert (err.value.code, err.value.transient) == ("NoCredentials", False)
 
 
-async def test_connection_refused_is_transient(aws_env) -> None:  # noqa: ANN001
+async def test_connection_refused_is_transient(aws_env) -> None:
     aws_env.setenv("AWS_ACCESS_KEY_ID", "id")
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     endpoint = f"http://127.0.0.1:{servers.free_port()}"  # nothing listens there
@@ -165,9 +165,7 @@ async def test_connection_refused_is_transient(aws_env) -> None:  # noqa: ANN001
             assert (err.value.code, err.value.transient) == ("NetworkError", True)
 
 
-async def test_juicefs_rejects_wrong_content_md5_moto_does_not(
-    juicefs_bucket: S3Bucket, moto_bucket: S3Bucket
-) -> None:
+async def test_juicefs_rejects_wrong_content_md5_moto_does_not(juicefs_bucket: S3Bucket, moto_bucket: S3Bucket) -> None:
     """The harness includes a store that checks: a corrupted body is caught by the JuiceFS gateway."""
     wrong_md5 = b64(hashlib.md5(b"something else").digest())
     jfs = juicefs_bucket
@@ -179,8 +177,8 @@ async def test_juicefs_rejects_wrong_content_md5_moto_does_not(
     assert moto_bucket.client.get_object(Bucket=moto_bucket.name, Key="k")["Body"].read() == b"payload"
 
 
-async def test_corrupted_body_is_reported_as_bad_digest(juicefs_bucket: S3Bucket, monkeypatch) -> None:  # noqa: ANN001
-    async def wrong_digests(body, algorithms):  # noqa: ANN001, ANN202 - bytes changed in flight
+async def test_corrupted_body_is_reported_as_bad_digest(juicefs_bucket: S3Bucket, monkeypatch) -> None:
+    async def wrong_digests(body, algorithms):
         return {name: hashlib.new(name, b"not the body").digest() for name in algorithms}
 
     monkeypatch.setattr(s3_module, "digests", wrong_digests)
@@ -201,7 +199,7 @@ async def test_sse_s3_is_requested(moto_bucket: S3Bucket) -> None:
         assert head["ServerSideEncryption"] == "AES256"
 
 
-async def test_cancellation_propagates_untouched(juicefs_bucket: S3Bucket, source_fd) -> None:  # noqa: ANN001
+async def test_cancellation_propagates_untouched(juicefs_bucket: S3Bucket, source_fd) -> None:
     fd, data = source_fd
     async with juicefs_bucket.storage() as store:
         sending = asyncio.Event()

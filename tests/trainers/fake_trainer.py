@@ -31,10 +31,20 @@ def save_record() -> None:
 
 def restored() -> dict:
     """Every restored file with its SHA-256, and the last checkpoint as get_last_checkpoint finds it."""
-    files = {str(p.relative_to(load_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in load_dir.rglob("*") if p.is_file()} if load_dir.is_dir() else {}
-    names = [p.name for p in load_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)] \
-        if load_dir.is_dir() else []
+    files = (
+        {
+            str(p.relative_to(load_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in load_dir.rglob("*")
+            if p.is_file()
+        }
+        if load_dir.is_dir()
+        else {}
+    )
+    names = (
+        [p.name for p in load_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+        if load_dir.is_dir()
+        else []
+    )
     last = max(names, key=lambda n: int(n.split("-")[1]), default=None)
     return {"files": files, "last": last}
 
@@ -53,7 +63,7 @@ def save(name: str, step: int) -> None:
     save_record()
 
 
-def on_term(signum, frame) -> None:  # noqa: ANN001
+def on_term(signum, frame) -> None:
     save("checkpoint-final", 10_000)
     record["terminated"] = True
     save_record()

@@ -60,8 +60,14 @@ def test_expects_marker(names, top_level, expected):
     ],
 )
 def test_should_commit(pending, marker_seen, marker_expected, quiet_for, final, expected):
-    reason = should_commit(pending=pending, marker_seen=marker_seen, marker_expected=marker_expected,
-                           quiet_for=quiet_for, quiet_limit=QUIET, final=final)  # fmt: skip
+    reason = should_commit(
+        pending=pending,
+        marker_seen=marker_seen,
+        marker_expected=marker_expected,
+        quiet_for=quiet_for,
+        quiet_limit=QUIET,
+        final=final,
+    )
     assert reason == expected
 
 
@@ -71,9 +77,11 @@ def test_hugging_face_checkpoint_commits_when_trainer_state_is_stored(tracker):
     write(tracker, 1.0, "checkpoint-5/trainer_state.json")
     assert tracker.due(1.0) == [("checkpoint-5", "marker")]
     assert [f.relpath for f in tracker.files("checkpoint-5")] == [
-        "checkpoint-5/model.safetensors", "checkpoint-5/optimizer.pt",
-        "checkpoint-5/trainer_state.json", "checkpoint-5/training_args.bin",
-    ]  # fmt: skip
+        "checkpoint-5/model.safetensors",
+        "checkpoint-5/optimizer.pt",
+        "checkpoint-5/trainer_state.json",
+        "checkpoint-5/training_args.bin",
+    ]
     assert tracker.committed("checkpoint-5", 2.0)
     assert tracker.due(3.0, final=True) == []
     assert tracker.uncommitted() == []

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from daemon.upload.complete import Identity, Verdict, files_open_for_write, is_ignored, judge
 from daemon.config.schema import DEFAULT_IGNORE
+from daemon.upload.complete import Identity, Verdict, files_open_for_write, is_ignored, judge
 
 A = Identity(1, 10, 100, 5)
 B = Identity(1, 10, 200, 6)

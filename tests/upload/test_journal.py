@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from daemon.upload.complete import Identity
 from daemon.upload.journal import Journal, Multipart, Pinned, Stored
@@ -38,6 +39,6 @@ def test_close_compacts(tmp_path):
         j.record("unpinned", stage=f"s{i}")
     j.record("stored", Stored("kept", ID, "0" * 64, "k", "e"))
     j.close()
-    lines = open(path).read().splitlines()
+    lines = Path(path).read_text().splitlines()
     assert len(lines) == 1 and '"kept"' in lines[0]
     assert os.listdir(tmp_path) == ["journal.jsonl"]  # no temporary file left behind

@@ -8,15 +8,14 @@ import threading
 
 import pytest
 
-from daemon.storage.retry import backoff, should_retry
 from daemon.storage import StorageError
 from daemon.storage.local import LocalStorage
-from daemon.storage.retry import Deadline
+from daemon.storage.retry import Deadline, backoff, should_retry
 from daemon.upload.health import StoreHealth
 from daemon.upload.journal import Journal
 from daemon.upload.pin import Staging
 from daemon.upload.throttle import Throttle
-from daemon.upload.transfer import MAX_PARTS, MiB, Transfer, part_size_for
+from daemon.upload.transfer import MAX_PARTS, Transfer, part_size_for
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
@@ -76,8 +75,16 @@ async def test_starting_a_multipart_upload_never_fsyncs_on_the_event_loop(tmp_pa
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * MiB))
     pin = Staging(str(tmp_path / "staging")).pin(str(big), "big.bin")
-    transfer = Transfer(LocalStorage(str(tmp_path / "store")), journal, asyncio.Semaphore(2), Throttle(0),
-                        threshold=5 * MiB, part_size=5 * MiB, deadline=Deadline(), health=StoreHealth())  # fmt: skip
+    transfer = Transfer(
+        LocalStorage(str(tmp_path / "store")),
+        journal,
+        asyncio.Semaphore(2),
+        Throttle(0),
+        threshold=5 * MiB,
+        part_size=5 * MiB,
+        deadline=Deadline(),
+        health=StoreHealth(),
+    )
     stored = await transfer.upload(pin, "k/big.bin")
     assert stored.identity.size == 12 * MiB
     assert on_loop == []

@@ -39,7 +39,7 @@ out = Path(os.environ["TRAINER_OUT"]) if os.environ.get("TRAINER_OUT") else None
 class DieBeforeMetadata(dcp.FileSystemWriter):
     """Test instrumentation: shards are written by every rank, then the coordinator dies in finish()."""
 
-    def finish(self, metadata, results):  # noqa: ANN001
+    def finish(self, metadata, results):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -53,12 +53,12 @@ def table() -> torch.Tensor:
     return distribute_tensor(full, init_device_mesh("cpu", (world,)), [Shard(0)])
 
 
-def state_of(model, optimizer, extra: dict) -> dict:  # noqa: ANN001
+def state_of(model, optimizer, extra: dict) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd, **extra}
 
 
-def plain(value):  # noqa: ANN001
+def plain(value):
     """What a rank holds, as plain tensors (a DTensor's local shard), for the test to compare."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
@@ -89,8 +89,9 @@ def main() -> None:
         if out:
             torch.save(plain(state_of(model, optimizer, extra)), out / f"loaded-rank-{rank}.pt")
     start = int(step)
-    print(f"dcp_train.py rank {rank}: {'resuming from ' + resumed_from if resumed_from else 'from scratch'}",
-          flush=True)  # fmt: skip
+    print(
+        f"dcp_train.py rank {rank}: {'resuming from ' + resumed_from if resumed_from else 'from scratch'}", flush=True
+    )
 
     generator = torch.Generator().manual_seed(7 + start)
     for n in range(start + 1, int(os.environ.get("DCP_STEPS", "3")) + 1):

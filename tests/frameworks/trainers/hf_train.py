@@ -43,7 +43,7 @@ class Losses(TrainerCallback):
     def __init__(self) -> None:
         self.logged: list[list] = []
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.logged.append([state.global_step, logs["loss"]])
 
@@ -52,7 +52,7 @@ def die_while_saving(step: int) -> None:
     """Test instrumentation: the Trainer writes trainer_state.json last; die just before it."""
     save_to_json = TrainerState.save_to_json
 
-    def dying(self, json_path):  # noqa: ANN001
+    def dying(self, json_path):
         if self.global_step == step and os.path.basename(os.path.dirname(json_path)) == f"checkpoint-{step}":
             os.kill(os.getpid(), signal.SIGKILL)
         save_to_json(self, json_path)
@@ -90,8 +90,9 @@ def main() -> None:
         dataloader_num_workers=0,
     )
     losses = Losses()
-    trainer = Trainer(model=model, args=args, train_dataset=Sequences(64), eval_dataset=Sequences(8),
-                      callbacks=[losses])  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Sequences(64), eval_dataset=Sequences(8), callbacks=[losses]
+    )
     if os.environ.get("HF_KILL_AT_SAVE"):
         die_while_saving(int(os.environ["HF_KILL_AT_SAVE"]))
 
@@ -103,8 +104,15 @@ def main() -> None:
 
     if os.environ.get("TRAINER_OUT"):
         with open(os.path.join(os.environ["TRAINER_OUT"], "hf.json"), "w") as f:
-            json.dump({"resumed_from": last_checkpoint, "resumed_step": resumed_step,
-                       "global_step": trainer.state.global_step, "losses": losses.logged}, f)  # fmt: skip
+            json.dump(
+                {
+                    "resumed_from": last_checkpoint,
+                    "resumed_step": resumed_step,
+                    "global_step": trainer.state.global_step,
+                    "losses": losses.logged,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
