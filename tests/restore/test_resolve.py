@@ -11,17 +11,8 @@ from daemon.catalog import layout
 from daemon.catalog.jobmeta import ensure_job
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
-from daemon.restore.resolve import (
-    AmbiguousJob,
-    Conflict,
-    Item,
-    Resolved,
-    UnsafeManifest,
-    job_order_key,
-    pick_rank,
-    plan,
-    resolve,
-)
+from daemon.restore.plan import Conflict, Item, UnsafeManifest, plan
+from daemon.restore.resolve import AmbiguousJob, Resolved, job_order_key, pick_rank, resolve
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
