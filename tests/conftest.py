@@ -2,6 +2,12 @@
 per test, and `store`, one ready `Storage` per backend so backend tests run against all three.
 
 Servers start lazily: a run that needs no S3 server starts none.
+
+Every test is exactly one of `unit` (in-process logic, seconds for all of them), `integration` (real
+servers, inotify, subprocesses, signals) or `slow` (frameworks, install, demo, multi-GiB files): a
+module says which with `KIND = "..."`, a test may say otherwise with its own mark, and a test that
+reaches a real S3 server is `integration` whatever its module says. Select with `-m unit` or
+`-m "not slow"`; a test of no kind is a collection error.
 """
 
 from __future__ import annotations
@@ -19,6 +25,32 @@ from daemon.storage.local import LocalStorage
 from daemon.storage.s3 import S3Storage
 
 S3_PREFIX = servers.S3_PREFIX
+KINDS = ("unit", "integration", "slow")
+_SERVER_FIXTURES = {"moto_server", "juicefs_server", "moto_bucket", "juicefs_bucket", "s3_bucket", "make_s3_store"}
+
+
+def _reaches_a_server(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(_SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))) or bool(
+        {"moto", "juicefs"} & {v for v in params.values() if isinstance(v, str)}
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = []
+    for item in items:
+        # A test's own mark, else its module's KIND (not pytestmark: -m would see both).
+        own = [m.name for m in item.iter_markers() if m.name in KINDS]
+        kind = own[0] if own else getattr(getattr(item, "module", None), "KIND", None)
+        if kind not in KINDS:
+            unmarked.append(item.nodeid)
+            continue
+        if kind == "unit" and _reaches_a_server(item):
+            kind = "integration"
+        if kind not in own:
+            item.add_marker(kind)
+    if unmarked:
+        raise pytest.UsageError("tests without a unit/integration/slow mark: " + ", ".join(unmarked[:10]))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pytest
 
 from daemon.cli import COMMANDS
 
+KIND = "integration"
+
 
 def ckptd(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "BT_", "AWS_"))}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+KIND = "slow"
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+KIND = "integration"
+
 REPO = Path(__file__).resolve().parent.parent
 
 

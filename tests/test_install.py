@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+KIND = "slow"
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -7,6 +7,8 @@ import json
 
 from daemon import logs
 
+KIND = "unit"
+
 
 class Tty(io.StringIO):
     def isatty(self) -> bool:

@@ -11,6 +11,8 @@ from proxy import Proxy
 from daemon.commands.common import storage_for
 from daemon.upload.engine import Engine
 
+KIND = "integration"
+
 
 def gauge(name: str) -> float | None:
     from daemon import metrics

@@ -18,6 +18,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from daemon import metrics
 
+KIND = "integration"
+
 REPO = Path(__file__).resolve().parent.parent
 OBS = REPO / "observability"
 ALERTS = OBS / "alerts.yaml"

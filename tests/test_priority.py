@@ -22,6 +22,8 @@ import pytest
 
 from daemon import priority
 
+KIND = "integration"  # the per-thread effects are checked in child processes
+
 REPO = Path(__file__).resolve().parent.parent
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 ONE_CPU = ALL_CPUS[-1]
@@ -256,6 +258,8 @@ def test_calling_thread_unreachable_is_enosys(monkeypatch: pytest.MonkeyPatch):
 REFUSED = """
 import errno, os, resource
 from daemon import priority
+
+
 if os.geteuid() == 0:  # imported as root (the interpreter may live in /root); now become nobody
     os.setgroups([])
     os.setgid(65534)
@@ -281,6 +285,7 @@ def test_kernel_refusal_is_a_permission_error():
 
 
 @pytest.mark.parametrize(("cpus", "message"), [((max(ALL_CPUS) + 1,), "cannot use"), ((), "empty"), ((-1,), "-1")])
+@pytest.mark.unit
 def test_invalid_cpus_raise_before_anything_changes(cpus: tuple[int, ...], message: str):
     # Validation precedes every change, so this can run in the test process itself.
     before = priority.current()
@@ -289,12 +294,14 @@ def test_invalid_cpus_raise_before_anything_changes(cpus: tuple[int, ...], messa
     assert priority.current() == before
 
 
+@pytest.mark.unit
 def test_unknown_io_priority_raises():
     with pytest.raises(ValueError, match="best-effort, idle, normal"):
         priority.apply(10, "realtime", None)
 
 
 @pytest.mark.parametrize(("name", "value"), [("best-effort", 2 << 13 | 7), ("idle", 3 << 13), ("normal", None)])
+@pytest.mark.unit
 def test_encode_ioprio(name: str, value: int | None):
     assert priority.encode_ioprio(name) == value
     if value is not None:
@@ -302,6 +309,7 @@ def test_encode_ioprio(name: str, value: int | None):
 
 
 @pytest.mark.parametrize("name", ["realtime", "none", "", "Idle"])
+@pytest.mark.unit
 def test_encode_ioprio_rejects_anything_else(name: str):
     with pytest.raises(ValueError, match="best-effort, idle, normal"):
         priority.encode_ioprio(name)
@@ -317,6 +325,7 @@ def test_encode_ioprio_rejects_anything_else(name: str):
         (7 << 13, ("unknown", 0)),
     ],
 )
+@pytest.mark.unit
 def test_decode_ioprio(value: int, decoded: tuple[str, int]):
     assert priority.decode_ioprio(value) == decoded
 
@@ -340,6 +349,7 @@ IDLE = 3 << 13
         (0, IDLE, True),
     ],
 )
+@pytest.mark.unit
 def test_ioprio_lowers(current: int, wanted: int | None, lowers: bool):
     assert priority.ioprio_lowers(current, wanted) is lowers
 
@@ -347,6 +357,7 @@ def test_ioprio_lowers(current: int, wanted: int | None, lowers: bool):
 @pytest.mark.parametrize(
     ("current", "wanted", "raises"), [(0, 10, True), (10, 10, False), (15, 10, False), (-5, 0, True)]
 )
+@pytest.mark.unit
 def test_nice_raises(current: int, wanted: int, raises: bool):
     assert priority.nice_raises(current, wanted) is raises
 
@@ -363,6 +374,7 @@ def test_nice_raises(current: int, wanted: int, raises: bool):
         ((-1,), {0, 1}, r"\[-1\]"),
     ],
 )
+@pytest.mark.unit
 def test_check_cpus(cpus: tuple[int, ...] | None, universe: set[int], result: Any):
     if isinstance(result, str):
         with pytest.raises(ValueError, match=result):
@@ -371,6 +383,7 @@ def test_check_cpus(cpus: tuple[int, ...] | None, universe: set[int], result: An
         assert priority.check_cpus(cpus, universe) == result
 
 
+@pytest.mark.unit
 def test_current_reports_this_thread():
     now = priority.current()
     assert now["nice"] == os.getpriority(os.PRIO_PROCESS, 0)

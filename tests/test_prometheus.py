@@ -19,6 +19,8 @@ from daemons import PROJECT, Daemon, base_env, wait_for
 from proxy import Proxy
 from servers import free_port
 
+KIND = "integration"
+
 REPO = Path(__file__).resolve().parent.parent
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -16,6 +16,8 @@ import pytest
 from daemons import PROJECT, Daemon, base_env, s3_args, wait_for
 from servers import free_port
 
+KIND = "integration"
+
 TRAINER = str(Path(__file__).resolve().parent / "trainers" / "fake_trainer.py")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -15,6 +15,8 @@ from daemon.storage import Storage
 from daemon.storage.local import LocalStorage
 from daemon.storage.s3 import S3Storage
 
+KIND = "unit"
+
 WRITES_PER_NODE = 15
 
 

@@ -9,6 +9,8 @@ import pytest
 from daemon.catalog import layout
 from daemon.catalog.layout import UnsafePath
 
+KIND = "unit"
+
 ROUND_TRIP = [
     "checkpoint-500/model.safetensors",
     "trainer_state.json",

@@ -23,6 +23,8 @@ from daemon.catalog.manifest import (
     write_manifest,
 )
 
+KIND = "unit"
+
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 

@@ -15,6 +15,8 @@ import yaml
 from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, sha256, stored_objects, wait_for
 from servers import free_port
 
+KIND = "integration"
+
 TRAINER = str(Path(__file__).resolve().parent.parent / "trainers" / "fake_trainer.py")
 
 
@@ -200,6 +202,37 @@ def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_b
     j.daemon.signal(signal.SIGTERM)
     assert j.daemon.wait() == 137, j.daemon.tail()
     assert j.daemon.events("killing the trainer")[0]["reason"] == "stop timeout"
+
+
+def test_a_second_stop_signal_kills_the_trainer_at_once(job, moto_bucket):
+    j = job(
+        moto_bucket, "job-2nd", "--stop-timeout", "120", trainer={"TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "ignore"}
+    )
+    wait_for(lambda: (j.folder / "ready").exists(), 30, "the trainer to wait")
+    j.daemon.signal(signal.SIGTERM)
+    j.daemon.wait_event("signal received")
+    j.daemon.signal(signal.SIGTERM)
+    assert j.daemon.wait(60) == 137, j.daemon.tail()  # not after the 120 s stop timeout
+    assert j.daemon.events("killing the trainer")[0]["reason"] == "second stop signal"
+
+
+def test_a_second_stop_signal_during_the_drain_cuts_it_short(job, moto_bucket):
+    """Training is over and the store is down: the drain would retry for 300 s. Signals still count
+    after the trainer has exited."""
+    j = job(
+        moto_bucket,
+        "job-drain",
+        "--drain-timeout",
+        "300",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        trainer={"TRAINER_STEPS": "1"},
+    )
+    j.daemon.wait_event("draining")
+    j.daemon.signal(signal.SIGTERM)
+    j.daemon.wait_event("signal received")  # signals of one kind merge while one is pending
+    j.daemon.signal(signal.SIGTERM)
+    assert j.daemon.wait(60) == 4, j.daemon.tail()
+    assert [e["action"] for e in j.daemon.events("signal received")] == ["stop", "hurry"]
 
 
 def test_store_down_still_reports_success_of_training_and_exits_4(job, moto_bucket):

@@ -25,6 +25,9 @@ from daemons import (
     stored_objects,
     wait_for,
 )
+from servers import free_port
+
+KIND = "integration"
 
 MiB = 1 << 20
 
@@ -158,6 +161,33 @@ def test_open_ignored_and_deleted_files_are_never_stored(watch, s3_bucket, tmp_p
     assert "not-utf8" in d.events("file name cannot be stored")[0]["path"]
 
 
+def test_a_second_stop_signal_cuts_a_hopeless_drain_short(watch, moto_bucket, tmp_path):
+    """The store is down and the drain would retry for 300 s: a second SIGTERM cuts it to a few
+    seconds, the state is still recorded, and what was not stored is named."""
+    d = watch(moto_bucket, "--drain-timeout", "300", "--s3-endpoint-url", f"http://127.0.0.1:{free_port()}")
+    write(tmp_path / "ckpt" / "checkpoint-1" / "model.bin", os.urandom(1000))
+    d.wait_event("retrying", where=lambda e: e.get("path") == "checkpoint-1/model.bin")
+    d.signal(signal.SIGTERM)
+    d.wait_event("draining")
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 4, d.tail()  # well inside the 300 s drain
+    assert [e["action"] for e in d.events("signal received")] == ["stop", "hurry"]
+    assert d.events("drained")[0]["not_stored"] == ["checkpoint-1/model.bin"]
+
+
+def test_a_third_stop_signal_exits_at_once(watch, moto_bucket, tmp_path):
+    d = watch(moto_bucket, "--drain-timeout", "300", "--s3-endpoint-url", f"http://127.0.0.1:{free_port()}")
+    write(tmp_path / "ckpt" / "checkpoint-1" / "model.bin", os.urandom(1000))
+    d.wait_event("retrying", where=lambda e: e.get("path") == "checkpoint-1/model.bin")
+    for count in (1, 2, 3):
+        d.signal(signal.SIGTERM)
+        if count < 3:  # signals of one kind merge while one is pending: let each be seen
+            wait_for(lambda n=count: len(d.events("signal received")) == n, 30, f"signal {count}")
+    assert d.wait(30) == 4, d.tail()
+    assert d.events("third stop signal: exiting without draining")
+    assert not d.events("drained")
+
+
 def test_sigterm_drains_and_exits_0(watch, moto_bucket, tmp_path):
     d = watch(moto_bucket)
     d.wait_event("priority lowered")
@@ -234,6 +264,7 @@ def test_sigkill_mid_multipart_resumes_and_leaves_no_incomplete_upload(watch, ju
     assert incomplete_uploads(juicefs_bucket) == []
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_for_a_4gib_file_and_1000_small_files(watch, juicefs_bucket, tmp_path):
     """Also: /healthz answers all along, while the big file uploads too. How fast it answers, and the
     loop lag, are figures, not pass/fail: benchmarks/health_under_load.py prints them."""

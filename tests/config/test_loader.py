@@ -11,6 +11,8 @@ from daemon.config import ConfigError, load
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.config.schema import DEFAULT_IGNORE, SPECS
 
+KIND = "unit"
+
 ENV = {"HOME": "/home/u"}
 
 

@@ -23,6 +23,8 @@ from fwkit import (
     stored_json,
 )
 
+KIND = "slow"
+
 SHARDS = {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 

@@ -22,6 +22,8 @@ from fwkit import (
     stored_json,
 )
 
+KIND = "slow"
+
 CHECKPOINTS = [f"checkpoint-{n}" for n in (2, 4, 6, 8, 10)]  # max_steps 10, save_steps 2
 
 

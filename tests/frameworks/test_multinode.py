@@ -17,6 +17,8 @@ from fwkit import (
     stored_json,
 )
 
+KIND = "slow"
+
 
 def test_each_node_stores_and_restores_its_own_rank(ckptd_job, juicefs_bucket):
     require("torch")

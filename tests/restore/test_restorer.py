@@ -20,6 +20,8 @@ from daemon.restore.resolve import Resolved
 from daemon.restore.restorer import PART_SUFFIX, SUMMARY, MiB, RestoreConflict, RestoreFailed, restore
 from daemon.storage import StorageError
 
+KIND = "unit"
+
 CHUNK = MiB
 
 

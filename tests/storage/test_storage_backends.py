@@ -13,6 +13,8 @@ import pytest
 
 from daemon.storage import FileRange, Storage, StorageError
 
+KIND = "unit"
+
 MiB = 1 << 20
 
 

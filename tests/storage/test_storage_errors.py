@@ -14,6 +14,8 @@ from daemon.storage.bodies import RangeReader, digests_sync
 from daemon.storage.errors import PERMANENT_CODES, TRANSIENT_CODES, StorageError, is_transient
 from daemon.storage.s3 import S3Storage, _client_config, _translate
 
+KIND = "unit"
+
 # The truth table of is_transient's docstring, row by row.
 TRUTH_TABLE = (
     [(code, status, True) for code in sorted(TRANSIENT_CODES) for status in (None, 400, 503)]

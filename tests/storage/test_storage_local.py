@@ -11,6 +11,8 @@ import pytest
 from daemon.storage import FileRange, Part, StorageError, localfs, open_storage
 from daemon.storage.local import LocalStorage
 
+KIND = "unit"
+
 
 @pytest.fixture
 async def local(tmp_path: Path) -> LocalStorage:

@@ -26,6 +26,8 @@ from daemon.storage import FileRange, S3Options, StorageError
 from daemon.storage import s3 as s3_module
 from daemon.storage.s3 import S3Storage
 
+KIND = "integration"
+
 MiB = 1 << 20
 CHECKSUM_HEADER = {"crc32": "x-amz-checksum-crc32", "md5": "content-md5", "sha256": "x-amz-checksum-sha256"}
 

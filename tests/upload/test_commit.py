@@ -8,6 +8,8 @@ from daemon.catalog.manifest import StoredFile
 from daemon.config.schema import DEFAULT_MARKERS
 from daemon.upload.commit import CheckpointTracker, expects_marker, is_marker, should_commit
 
+KIND = "unit"
+
 QUIET = 30.0
 
 

@@ -9,6 +9,8 @@ import pytest
 from daemon.config.schema import DEFAULT_IGNORE
 from daemon.upload.complete import Identity, Verdict, files_open_for_write, is_ignored, judge
 
+KIND = "unit"
+
 A = Identity(1, 10, 100, 5)
 B = Identity(1, 10, 200, 6)
 

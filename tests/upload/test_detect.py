@@ -23,6 +23,8 @@ import servers
 from daemon.upload.detect import Detector
 from daemon.upload.scan import needs_polling, scan
 
+KIND = "integration"
+
 pytestmark = [
     # An exception on the observer thread must fail the test, not just print a warning.
     pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),

@@ -17,6 +17,8 @@ from daemon.catalog import layout
 from daemon.commands.common import storage_for
 from daemon.upload.engine import Engine
 
+KIND = "integration"
+
 MiB = 1 << 20
 QUEUE_LIMIT = "/proc/sys/fs/inotify/max_queued_events"  # machine-wide, not per user namespace: never written
 

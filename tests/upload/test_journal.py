@@ -8,6 +8,8 @@ from pathlib import Path
 from daemon.upload.complete import Identity
 from daemon.upload.journal import Journal, Multipart, Pinned, Stored
 
+KIND = "unit"
+
 ID = Identity(1, 2, 3, 4)
 
 

@@ -6,6 +6,8 @@ import os
 
 from daemon.upload.pin import Staging
 
+KIND = "unit"
+
 
 def test_pinned_content_survives_deletion(tmp_path):
     staging = tmp_path / "staging"

@@ -8,6 +8,8 @@ from daemon.upload.complete import Identity
 from daemon.upload.pin import Pin
 from daemon.upload.queue import LARGE, SMALL, Job, UploadQueue
 
+KIND = "unit"
+
 
 def job(relpath: str, size: int) -> Job:
     return Job(Pin(relpath, Identity(1, hash(relpath) & 0xFFFF, size, 1), None, None), relpath)

@@ -11,6 +11,8 @@ import pytest
 
 from daemon.upload.throttle import Throttle, delay_for
 
+KIND = "unit"
+
 MB = 1_000_000
 DEADLINE_S = 10.0  # real seconds; every wait below is on a condition, this only bounds a hang
 CLOCK_SLACK_S = 0.001  # asyncio may wake a timer up to its clock resolution early

@@ -17,6 +17,8 @@ from daemon.upload.pin import Staging
 from daemon.upload.throttle import Throttle
 from daemon.upload.transfer import MAX_PARTS, Transfer, part_size_for
 
+KIND = "unit"
+
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
 

@@ -1,0 +1,199 @@
+"""What the uploader reports: the store's health, GET /status, and the scraped backlog gauges.
+Real components (queue, tracker, settler, uploader, a local store), not stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+from engines import until
+
+from daemon import metrics
+from daemon.config.schema import DEFAULT_IGNORE, DEFAULT_MARKERS
+from daemon.storage import StorageError
+from daemon.storage.local import LocalStorage
+from daemon.storage.retry import Deadline
+from daemon.upload.commit import CheckpointTracker
+from daemon.upload.detect import Detector
+from daemon.upload.health import RECENT_ERRORS, StoreHealth
+from daemon.upload.journal import Journal
+from daemon.upload.pin import Staging
+from daemon.upload.queue import SMALL, Job, UploadQueue
+from daemon.upload.settle import Settler
+from daemon.upload.status import UploadStatus
+from daemon.upload.throttle import Throttle
+from daemon.upload.transfer import Transfer
+from daemon.upload.worker import Uploader
+
+KIND = "unit"
+
+NET = StorageError("put", "k", "NetworkError", "connection refused")
+DENIED = StorageError("put", "k", "AccessDenied", "denied", http_status=403)
+REFUSED = ["storage refuses requests: AccessDenied (put)"]
+UNREACHABLE = ["storage not reachable"]
+
+
+@pytest.mark.parametrize(
+    "events, reachable, permanent, not_ready",
+    [
+        ([], None, None, []),  # no request yet
+        ([("observe", None)], True, None, []),
+        ([("observe", NET)], False, None, UNREACHABLE),
+        ([("observe", NET), ("observe", None)], True, None, []),  # reachable again
+        ([("observe", DENIED)], True, None, []),  # it answered; one refusal is not yet given up on
+        ([("observe", DENIED), ("failed", DENIED)], True, "AccessDenied", REFUSED),
+        ([("observe", NET), ("failed", NET)], False, None, UNREACHABLE),  # given up, but transient
+        ([("observe", DENIED), ("failed", DENIED), ("observe", NET)], False, "AccessDenied", REFUSED),
+        ([("observe", DENIED), ("failed", DENIED), ("stored",)], True, None, []),  # a stored file clears it
+    ],
+)
+def test_store_health(events, reachable, permanent, not_ready):
+    health = StoreHealth()
+    for method, *args in events:
+        getattr(health, method)(*args)
+    assert health.reachable is reachable
+    assert (health.permanent.code if health.permanent else None) == permanent
+    assert health.not_ready() == not_ready
+
+
+def test_store_health_keeps_the_recent_errors_bounded():
+    health = StoreHealth()
+    for i in range(RECENT_ERRORS + 5):
+        health.observe(StorageError("get", f"k{i}", "SlowDown", "x" * 1000))
+    assert len(health.recent) == RECENT_ERRORS
+    assert health.recent[-1]["key"] == f"k{RECENT_ERRORS + 4}" and health.recent[0]["key"] == "k5"
+    assert len(health.recent[-1]["message"]) == 300 and health.recent[-1]["transient"] is True
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "ckpt"
+        (tmp_path / "staging").mkdir()
+        self.root.mkdir()
+        self.staging = Staging(str(tmp_path / "staging"))
+        self.journal = Journal(str(tmp_path / "state" / "journal.jsonl"))
+        self.journal.open()
+        self.store = LocalStorage(tmp_path / "store")
+        self.queue = UploadQueue(1 << 20)
+        self.tracker = CheckpointTracker(DEFAULT_MARKERS, 60.0)
+        self.health = StoreHealth()
+        self.deadline = Deadline()
+        ignore = lambda *_: None  # noqa: E731 - callbacks this test does not follow
+        self.settler = Settler(str(self.root), self.staging, 0.1, DEFAULT_IGNORE, ignore, ignore, ignore)
+        transfer = Transfer(
+            self.store, self.journal, asyncio.Semaphore(2), Throttle(0), 1 << 20, None, self.deadline, self.health
+        )
+        self.uploader = Uploader(
+            queue=self.queue,
+            transfer=transfer,
+            journal=self.journal,
+            tracker=self.tracker,
+            health=self.health,
+            deadline=self.deadline,
+            committed=lambda: None,
+            renotice=ignore,
+        )
+        self.status = UploadStatus(
+            root=str(self.root),
+            storage_url=self.store.url,
+            queue=self.queue,
+            settler=self.settler,
+            tracker=self.tracker,
+            uploader=self.uploader,
+            health=self.health,
+            detector=Detector(str(self.root), asyncio.get_running_loop(), ignore),
+            deadline=self.deadline,
+        )
+
+    def job(self, relpath: str, size: int, age: float = 0.0) -> Job:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        pin = self.staging.pin(str(path), relpath)
+        assert pin is not None
+        return Job(pin, f"training_projects/proj/jobs/job-1/rank-0/{relpath}", time.monotonic() - age)
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    made = []
+
+    def make() -> Rig:
+        made.append(Rig(tmp_path))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.journal.close()
+
+
+async def test_an_idle_uploader_reports_nothing_pending(rig):
+    r = rig()
+    backlog = r.status.backlog()
+    assert (backlog.files, backlog.bytes, backlog.oldest_age) == (0, 0, 0.0)
+    assert backlog.free_bytes > 0
+    s = r.status.status()
+    assert (s["pending_files"], s["pending_bytes"], s["oldest_pending_age_seconds"]) == (0, 0, 0.0)
+    assert (s["in_flight"], s["failed"], s["still_being_written"], s["last_errors"]) == ([], [], [], [])
+    assert (s["uploaded_files"], s["last_commit"], s["uncommitted"]) == (0, None, [])
+    assert (s["watch_mode"], s["watch_degraded"], s["storage"]) == ("auto", None, r.store.url)
+    assert (s["storage_reachable"], s["draining"]) == (None, False)
+
+
+async def test_status_counts_queued_in_flight_and_failed_files_and_the_last_commit(rig):
+    r = rig()
+    # One real upload and commit first: the uploaded count and the last commit come from them.
+    r.queue.put(r.job("checkpoint-1/trainer_state.json", 5))
+    uploading = asyncio.create_task(r.uploader.run(SMALL))
+    try:
+        await until(lambda: r.uploader.stored_count == 1, 5, "the upload")
+    finally:
+        uploading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await uploading
+    assert r.tracker.due(time.monotonic()) == [("checkpoint-1", "marker")]
+    assert r.tracker.committed("checkpoint-1", time.monotonic())
+    # Then: one in flight, one failed, one queued (the oldest).
+    r.queue.put(r.job("checkpoint-2/b.bin", 20))
+    r.queue.put(r.job("checkpoint-2/c.bin", 30))
+    in_flight = await r.queue.get(SMALL)
+    failed = await r.queue.get(SMALL)
+    r.queue.fail(failed, StorageError("put", failed.key, "SlowDown", "slow down", http_status=503))
+    r.queue.done(failed)
+    r.queue.put(r.job("checkpoint-2/a.bin", 10, age=5.0))
+    r.health.observe(NET)
+
+    backlog = r.status.backlog()
+    assert (backlog.files, backlog.bytes) == (3, 60)
+    assert backlog.oldest_age >= 5.0
+    s = r.status.status()
+    assert (s["pending_files"], s["pending_bytes"]) == (3, 60)
+    assert s["oldest_pending_age_seconds"] >= 5.0
+    assert s["in_flight"] == [in_flight.relpath] == ["checkpoint-2/b.bin"]
+    assert s["failed"] == [{"path": "checkpoint-2/c.bin", "code": "SlowDown", "message": "slow down"}]
+    assert s["uploaded_files"] == 1
+    assert s["last_commit"] == {"checkpoint": "checkpoint-1", "reason": "marker"}
+    assert (s["storage_reachable"], [e["code"] for e in s["last_errors"]]) == (False, ["NetworkError"])
+    assert s["draining"] is False
+    r.deadline.start(60)
+    assert r.status.status()["draining"] is True
+
+
+async def test_the_backlog_gauges_report_the_attached_source(rig):
+    r = rig()
+    r.queue.put(r.job("checkpoint-1/a.bin", 10, age=3.0))
+    r.queue.put(r.job("checkpoint-1/b.bin", 32))
+    value = metrics.REGISTRY.get_sample_value
+    metrics.BACKLOG.attach(r.status.backlog)
+    try:
+        assert value("ckptd_pending_files") == 2
+        assert value("ckptd_pending_bytes") == 42
+        assert value("ckptd_oldest_pending_age_seconds") >= 3.0
+        assert value("ckptd_checkpoint_dir_free_bytes") > 0
+    finally:
+        metrics.BACKLOG.attach(None)
+    assert (value("ckptd_pending_files"), value("ckptd_pending_bytes")) == (0, 0)
+    assert value("ckptd_checkpoint_dir_free_bytes") == 0
