@@ -1,25 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: make .venv, install ckptd with its test extras and
-# the Debian tools the tests drive, then run pytest. Extra arguments go to pytest.
+# the Debian tools the tests drive (scripts/setup.sh), then run pytest. Extra arguments go to
+# pytest, e.g. `bash scripts/test.sh -m unit`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-# Debian tools the tests use, as "command:package" (installed only when missing).
-DEBIAN_TOOLS=("promtool:prometheus")
-
-missing=()
-for entry in "${DEBIAN_TOOLS[@]}"; do
-  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
-
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-# torch first and pinned: this machine serves that CPU build from local disk, while an unpinned
-# torch pulled in by transformers would be a multi-GB CUDA download.
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,frameworks]'
+bash scripts/setup.sh
 exec .venv/bin/python -m pytest "$@"

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-import aiohttp
-from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore import exceptions as bx
-from botocore.loaders import Loader, create_loader
 
 from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError
 from daemon.storage.options import S3Options
+from daemon.storage.s3client import client_config, shared_loader, translate
 
 T = TypeVar("T")
 
@@ -36,55 +31,6 @@ _CHECKSUM_PARAM = {
 }
 # Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
 _FLEXIBLE = {"crc32": "CRC32", "sha256": "SHA256"}
-# Endpoint/connect-timeout errors derive from bx.ConnectionError; closed/read-timeout from
-# bx.HTTPClientError; raw aiohttp and timeout errors can surface while a body is being read.
-_NETWORK_ERRORS = (bx.ConnectionError, bx.HTTPClientError, aiohttp.ClientError, TimeoutError, ConnectionError)
-_QUERY = re.compile(r"\?[^\s\"'>]*")  # upload ids and signatures stay out of logs
-
-
-@functools.cache
-def _shared_loader() -> Loader:
-    """Parsing the S3 model and endpoint rules costs ~0.15 s per session; parse them once."""
-    return create_loader()
-
-
-def _client_config(options: S3Options) -> AioConfig:
-    signing = {"on": True, "off": False}.get(options.payload_signing, options.checksum == "none")
-    return AioConfig(
-        region_name=options.region or "us-east-1",
-        signature_version="s3v4",  # presigned URLs too: SigV2 is gone from newer regions
-        s3={"addressing_style": options.addressing_style, "payload_signing_enabled": signing},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        # One quick retry for a stale pooled connection; real backoff lives in the upload engine.
-        retries={"mode": "standard", "total_max_attempts": 2},
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=options.max_connections,
-        # Load the big S3 service model in a thread rather than on the event loop.
-        warm_up_loader_caches=True,
-    )
-
-
-def _translate(op: str, key: str, exc: Exception) -> StorageError:
-    """Turn any client-side failure into a StorageError without leaking query strings."""
-    if isinstance(exc, bx.ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = str(err.get("Code") or status or "Unknown")
-        code = {"403": "AccessDenied", "404": "NotFound"}.get(code, code)
-        message = str(err.get("Message") or code)
-        return StorageError(op, key, code, _QUERY.sub("", message), http_status=status)
-    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return StorageError(op, key, "NoCredentials", "no AWS credentials found", transient=False)
-    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return StorageError(op, key, "TLSVerifyFailed", _QUERY.sub("", str(exc)), transient=False)
-    if isinstance(exc, _NETWORK_ERRORS):
-        message = _QUERY.sub("", str(exc) or type(exc).__name__)
-        return StorageError(op, key, "NetworkError", message, transient=True)
-    if isinstance(exc, bx.ParamValidationError):
-        return StorageError(op, key, "InvalidArgument", str(exc), transient=False)
-    return StorageError(op, key, type(exc).__name__, _QUERY.sub("", str(exc)))
 
 
 class S3Storage(Storage):
@@ -105,12 +51,12 @@ class S3Storage(Storage):
         async with self._lock:
             if self._client is None:
                 session = AioSession()
-                session.register_component("data_loader", _shared_loader())
+                session.register_component("data_loader", shared_loader())
                 creating = session.create_client(
                     "s3",
                     endpoint_url=self.options.endpoint_url,
                     verify=self.options.ca_bundle,
-                    config=_client_config(self.options),
+                    config=client_config(self.options),
                 )
                 stack = contextlib.AsyncExitStack()
                 try:
@@ -124,7 +70,7 @@ class S3Storage(Storage):
         try:
             return await awaitable
         except Exception as exc:  # CancelledError is a BaseException and passes through
-            raise _translate(op, key, exc) from exc
+            raise translate(op, key, exc) from exc
 
     async def _request(self, op: str, key: str, method: str, **params: Any) -> dict[str, Any]:
         client = await self._get_client()
@@ -198,7 +144,7 @@ class S3Storage(Storage):
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                raise _translate("list", prefix, exc) from exc
+                raise translate("list", prefix, exc) from exc
             for item in page.get("Contents", []):
                 etag = item["ETag"].strip('"')
                 yield ObjectInfo(self._rel(item["Key"]), item["Size"], etag, item["LastModified"])

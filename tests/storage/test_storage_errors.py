@@ -12,7 +12,8 @@ from botocore import exceptions as bx
 from daemon.storage import FileRange, S3Options, StorageURL, open_storage
 from daemon.storage.bodies import RangeReader, digests_sync
 from daemon.storage.errors import PERMANENT_CODES, TRANSIENT_CODES, StorageError, is_transient
-from daemon.storage.s3 import S3Storage, _client_config, _translate
+from daemon.storage.s3 import S3Storage
+from daemon.storage.s3client import client_config, translate
 
 KIND = "unit"
 
@@ -65,8 +66,8 @@ def client_error(code: str, status: int, message: str = "msg") -> bx.ClientError
         (bx.ParamValidationError(report="bad"), "InvalidArgument", False),
     ],
 )
-def test_translate(exc: Exception, code: str, transient: bool) -> None:
-    err = _translate("put", "k", exc)
+def testtranslate(exc: Exception, code: str, transient: bool) -> None:
+    err = translate("put", "k", exc)
     assert (err.code, err.transient, err.op, err.key) == (code, transient, "put", "k")
 
 
@@ -77,7 +78,7 @@ def test_translate_keeps_query_strings_out() -> None:
         bx.EndpointConnectionError(endpoint_url=url),
     ]
     for exc in leaky:
-        message = str(_translate("get", "k", exc))
+        message = str(translate("get", "k", exc))
         assert "X-Amz-Signature" not in message and "deadbeef" not in message
         assert "https://b.s3.amazonaws.com/k" in message
 
@@ -93,8 +94,8 @@ def test_translate_keeps_query_strings_out() -> None:
         ("none", "off", False),
     ],
 )
-def test_client_config(checksum: str, signing: str, expected: bool) -> None:
-    config = _client_config(S3Options(checksum=checksum, payload_signing=signing, addressing_style="path"))
+def testclient_config(checksum: str, signing: str, expected: bool) -> None:
+    config = client_config(S3Options(checksum=checksum, payload_signing=signing, addressing_style="path"))
     assert config.s3 == {"addressing_style": "path", "payload_signing_enabled": expected}
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"

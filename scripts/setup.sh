@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Make .venv with ckptd and everything its tests and checks need, and the Debian tools the tests
+# drive. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian tools the tests use, as "command:package" (installed only when missing).
+DEBIAN_TOOLS=("promtool:prometheus")
+
+missing=()
+for entry in "${DEBIAN_TOOLS[@]}"; do
+  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+# torch first and pinned: this machine serves that CPU build from local disk, while an unpinned
+# torch pulled in by transformers would be a multi-GB CUDA download.
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,frameworks]'
