@@ -83,7 +83,7 @@ async def test_pending_retry_and_failure_metrics(tmp_path, moto_bucket):
 
 
 async def test_permanent_failures_are_counted_by_code(tmp_path, moto_bucket):
-    flags = {**s3_flags(moto_bucket), "storage": "s3://no-such-bucket-metrics/ckptd"}
+    flags = {**s3_flags(moto_bucket), "storage": "s3://no-such-bucket-metrics/ckptd", "drain_timeout": "1"}
     c = config(tmp_path, **flags)
     failures = counter("ckptd_upload_failures_total", reason="NoSuchBucket")
     async with storage_for(c) as storage:
@@ -92,5 +92,5 @@ async def test_permanent_failures_are_counted_by_code(tmp_path, moto_bucket):
         (tmp_path / "ckpt" / "a.bin").write_bytes(b"a")
         await until(lambda: counter("ckptd_upload_failures_total", reason="NoSuchBucket") > failures, 30, "failure")
         assert gauge("ckptd_pending_files") == 1  # not stored, so still pending: the alert sees it
-        report = await engine.shutdown(timeout=1)
+        report = await engine.shutdown()
     assert not report.ok and report.not_stored == ["a.bin"]

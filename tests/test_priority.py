@@ -93,9 +93,10 @@ def child(code: str, *argv: str) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        assert proc.stdin is not None
+        assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
         proc.wait(timeout=30)
+        proc.stdout.close()
 
 
 @contextlib.contextmanager

@@ -61,6 +61,24 @@ def sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+@pytest.fixture
+async def launch():
+    """Start a trainer and wait until its first command reports; whatever still runs is killed after."""
+    started: list[tuple[Trainer, asyncio.Future]] = []
+
+    async def start(trainer: Trainer, out: Path) -> asyncio.Future:
+        task = asyncio.ensure_future(trainer.run())
+        started.append((trainer, task))
+        await until(lambda: ready(out), 10, "the trainer to start")
+        return task
+
+    yield start
+    for trainer, task in started:
+        if not task.done():
+            trainer.kill("test over")
+        await asyncio.wait_for(task, 10)
+
+
 async def test_commands_run_in_order_and_stop_at_the_first_failure(tmp_path: Path):
     log = tmp_path / "log"
     trainer = Trainer([sh(f"echo one >> {log}"), sh(f"echo two >> {log}; exit 3"), sh(f"echo three >> {log}")], {}, 5)
@@ -94,31 +112,33 @@ async def test_death_by_signal_is_128_plus_the_signal_number(sig: signal.Signals
     assert await Trainer([sh(f"kill -{sig.value} $$")], {}, 5).run() == 128 + sig.value
 
 
-async def test_the_trainer_has_its_own_session_and_group_and_the_bt_environment(tmp_path: Path):
-    c = config(tmp_path, f"file://{tmp_path / 'store'}", node_rank="2", group_size="4")
+async def test_the_trainer_has_its_own_session_and_group_and_the_bt_environment(tmp_path: Path, launch):
+    c = config(
+        tmp_path,
+        f"file://{tmp_path / 'store'}",
+        node_rank="2",
+        group_size="4",
+        restore_enabled="true",
+        restore_dir=str(tmp_path / "loaded"),
+    )
     env = trainer_env(c, {"KEPT": "yes", "PATH": os.environ.get("PATH", "")})
     out = tmp_path / "child"
     trainer = Trainer([child(out, "wait")], env, 5)
-    task = asyncio.ensure_future(trainer.run())
-    try:
-        await until(lambda: ready(out), 10, "the trainer to start")
-        info = ready(out)
-        assert info["pid"] == trainer.proc.pid
-        assert info["pgid"] == info["pid"] == os.getpgid(trainer.proc.pid)  # leads its own group
-        assert info["sid"] == info["pid"]  # and its own session
-        assert os.getpgid(trainer.proc.pid) != os.getpgid(0)
-        assert info["env"] == {
-            "KEPT": "yes",
-            "BT_CHECKPOINT_DIR": c.checkpoint_dir,
-            "BT_LOAD_CHECKPOINT_DIR": c.restore_dir,
-            "BT_NODE_RANK": "2",
-            "BT_GROUP_SIZE": "4",
-            "BT_TRAINING_JOB_ID": "job-1",
-            "BT_TRAINING_PROJECT_NAME": "proj",
-        }
-    finally:
-        trainer.kill("test over")
-        assert await task == 137
+    await launch(trainer, out)
+    info = ready(out)
+    assert info["pid"] == trainer.proc.pid
+    assert info["pgid"] == info["pid"] == os.getpgid(trainer.proc.pid)  # leads its own group
+    assert info["sid"] == info["pid"]  # and its own session
+    assert os.getpgid(trainer.proc.pid) != os.getpgid(0)
+    assert info["env"] == {
+        "KEPT": "yes",
+        "BT_CHECKPOINT_DIR": c.checkpoint_dir,
+        "BT_NODE_RANK": "2",
+        "BT_GROUP_SIZE": "4",
+        "BT_TRAINING_JOB_ID": "job-1",
+        "BT_TRAINING_PROJECT_NAME": "proj",
+        "BT_LOAD_CHECKPOINT_DIR": str(tmp_path / "loaded"),
+    }
 
 
 @pytest.mark.unit
@@ -129,11 +149,10 @@ def test_commands_of_prefers_the_command_line_else_each_start_command_through_sh
     assert commands_of(dataclasses.replace(c, start_commands=()), []) == []
 
 
-async def test_a_forwarded_signal_reaches_the_whole_group_without_stopping(tmp_path: Path):
+async def test_a_forwarded_signal_reaches_the_whole_group_without_stopping(tmp_path: Path, launch):
     out = tmp_path / "child"
     trainer = Trainer([child(out, "usr1-grandchild")], {"PATH": os.environ.get("PATH", "")}, 5)
-    task = asyncio.ensure_future(trainer.run())
-    await until(lambda: ready(out), 10, "the trainer and its worker to start")
+    task = await launch(trainer, out)  # the worker is ready before the trainer reports
     trainer.forward(signal.SIGUSR1, stop=False)
     assert await asyncio.wait_for(task, 10) == 0
     await until(lambda: Path(f"{out}.grandchild.usr1").exists(), 10, "the worker to get the signal")
@@ -141,11 +160,10 @@ async def test_a_forwarded_signal_reaches_the_whole_group_without_stopping(tmp_p
     assert not trainer.stopping
 
 
-async def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path):
+async def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path, launch):
     out = tmp_path / "child"
     trainer = Trainer([child(out, "ignore-term"), sh(f"touch {tmp_path / 'next'}")], {}, 0.3)
-    task = asyncio.ensure_future(trainer.run())
-    await until(lambda: ready(out), 10, "the trainer to start")
+    task = await launch(trainer, out)
     forwarded = time.monotonic()
     trainer.forward(signal.SIGTERM, stop=True)
     assert await asyncio.wait_for(task, 10) == 137
@@ -153,21 +171,19 @@ async def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(tmp_p
     assert trainer.stopping and not (tmp_path / "next").exists()
 
 
-async def test_a_stop_signal_ends_the_command_list_even_when_the_command_exits_0(tmp_path: Path):
+async def test_a_stop_signal_ends_the_command_list_even_when_the_command_exits_0(tmp_path: Path, launch):
     out = tmp_path / "child"
     trainer = Trainer([child(out, "exit-on-term"), sh(f"touch {tmp_path / 'next'}")], {}, 30)
-    task = asyncio.ensure_future(trainer.run())
-    await until(lambda: ready(out), 10, "the trainer to start")
+    task = await launch(trainer, out)
     trainer.forward(signal.SIGTERM, stop=True)
     assert await asyncio.wait_for(task, 10) == 0
     assert not (tmp_path / "next").exists()
 
 
-async def test_kill_kills_at_once(tmp_path: Path):
+async def test_kill_kills_at_once(tmp_path: Path, launch):
     out = tmp_path / "child"
     trainer = Trainer([child(out, "ignore-term")], {}, 3600)
-    task = asyncio.ensure_future(trainer.run())
-    await until(lambda: ready(out), 10, "the trainer to start")
+    task = await launch(trainer, out)
     killed = time.monotonic()
     trainer.kill("test")
     assert await asyncio.wait_for(task, 10) == 137

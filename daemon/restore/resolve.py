@@ -78,7 +78,8 @@ def job_order_key(job_id: str, created_at: str | None) -> tuple[int, datetime, s
     """
     stamp = _parse_time(created_at)
     if stamp is None and (m := _GENERATED_ID.fullmatch(job_id)):
-        stamp = datetime.strptime(m.group(1), "%Y%m%dt%H%M%S").replace(tzinfo=UTC)
+        with contextlib.suppress(ValueError):  # shaped like ours, but no real time: not generated
+            stamp = datetime.strptime(m.group(1), "%Y%m%dt%H%M%S").replace(tzinfo=UTC)
     if stamp is None:
         return (0, datetime.min.replace(tzinfo=UTC), job_id)
     return (1, stamp, job_id)

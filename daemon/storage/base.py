@@ -9,7 +9,6 @@ parts and incomplete uploads for crash recovery.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,9 +21,6 @@ class FileRange:
     fd: int
     offset: int
     size: int
-
-    def read_all(self) -> bytes:
-        return os.pread(self.fd, self.size, self.offset)
 
 
 Body = bytes | FileRange

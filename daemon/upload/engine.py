@@ -204,6 +204,7 @@ class Engine:
         settler.release_all()
         await self._final_metadata(report, exit_code, succeeded)
         await asyncio.to_thread(self.journal.close)
+        metrics.BACKLOG.attach(None)  # the queue it reads is gone
         log.info(
             "drained",
             stored=report.stored,

@@ -42,11 +42,15 @@ class UploadStatus:
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
         jobs, now = self.queue.pending(), time.monotonic()
+        try:
+            free = free_bytes(self.root)
+        except OSError:  # the folder is gone or unreadable: a scrape must still answer
+            free = 0
         return Backlog(
             len(jobs),
             sum(j.size for j in jobs),
             max((now - j.complete_at for j in jobs), default=0.0),
-            free_bytes(self.root),
+            free,
         )
 
     def not_ready(self) -> list[str]:

@@ -26,10 +26,13 @@ async def test_replay_after_restart_and_torn_line(tmp_path):
     with open(path, "a") as f:
         f.write('{"op":"stored","relpath":"torn')  # a crash in the middle of a line
 
-    state = Journal(path).open()
+    again = Journal(path)  # the next run, while `j` is as a crashed run left it
+    state = again.open()
     assert state.stored["ckpt-1/a.bin"] == Stored("ckpt-1/a.bin", ID, "ab" * 32, "k/a", "etag")
     assert list(state.multipart) == ["ckpt-2/big.bin"]
     assert state.pinned["2-4-3"].relpath == "ckpt-1/c.bin"
+    again.close()
+    j.close()
 
 
 def test_close_compacts(tmp_path):

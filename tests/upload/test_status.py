@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -197,3 +198,13 @@ async def test_the_backlog_gauges_report_the_attached_source(rig):
         metrics.BACKLOG.attach(None)
     assert (value("ckptd_pending_files"), value("ckptd_pending_bytes")) == (0, 0)
     assert value("ckptd_checkpoint_dir_free_bytes") == 0
+
+
+async def test_a_scrape_survives_the_checkpoint_folder_vanishing(rig):
+    """A trainer may remove and re-create its output folder; /metrics and /status must still answer."""
+    r = rig()
+    r.queue.put(r.job("checkpoint-1/a.bin", 10))
+    shutil.rmtree(r.root)
+    backlog = r.status.backlog()
+    assert (backlog.files, backlog.bytes) == (1, 10)
+    assert r.status.status()["pending_files"] == 1

@@ -88,6 +88,7 @@ async def test_starting_a_multipart_upload_never_fsyncs_on_the_event_loop(tmp_pa
         health=StoreHealth(),
     )
     stored = await transfer.upload(pin, "k/big.bin")
+    await asyncio.to_thread(journal.close)
     assert stored.identity.size == 12 * MiB
     assert on_loop == []
     assert (tmp_path / "store" / "k" / "big.bin").read_bytes() == big.read_bytes()
