@@ -56,21 +56,27 @@ class Proxy:
                 client.close()
                 continue
             with self._lock:
+                if self._stop.is_set():  # went down while this one was being connected
+                    client.close()
+                    upstream.close()
+                    return
                 self._conns += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         sel = selectors.DefaultSelector()
-        sel.register(a, selectors.EVENT_READ, b)
-        sel.register(b, selectors.EVENT_READ, a)
         try:
+            # down() may close both sockets at any moment, even before they are registered: a
+            # closed socket shows as OSError from the calls, ValueError (fd -1) from the selector.
+            sel.register(a, selectors.EVENT_READ, b)
+            sel.register(b, selectors.EVENT_READ, a)
             while not self._stop.is_set():
                 for key, _ in sel.select(timeout=0.2):
                     data = key.fileobj.recv(1 << 16)
                     if not data:
                         return
                     key.data.sendall(data)
-        except OSError:
+        except (OSError, ValueError):
             return
         finally:
             sel.close()
