@@ -86,7 +86,7 @@ class Journal:
         self.path = path
         self.state = State()
         self._file = None
-        self._unsynced = 0
+        self._written = self._durable = 0  # records written, and how many of them are fsynced
 
     def open(self) -> State:
         """Replay the journal, compact it, and open it for appending."""
@@ -116,7 +116,7 @@ class Journal:
         record = {"op": op, **(asdict(value) if value is not None else {}), **fields}
         self._file.write(_line(record))
         self.state.apply(dict(record))
-        self._unsynced += 1
+        self._written += 1
 
     async def sync(self) -> None:
         """Make every record so far durable (group commit: one fsync for many records).
@@ -125,17 +125,18 @@ class Journal:
         as long as the disk wants, runs in a thread, on its own descriptor so that a journal
         compacted or closed meanwhile cannot have the number reused under it.
         """
-        if not self._file or not self._unsynced:
+        target = self._written
+        if not self._file or self._durable >= target:
             return
-        self._file.flush()
-        self._unsynced = 0
+        # Its own fsync even while another is in flight: returning early could mean returning
+        # before the records this caller depends on are on disk.
         await asyncio.to_thread(_fsync_and_close, os.dup(self._file.fileno()))
+        self._durable = max(self._durable, target)
 
     def _sync_now(self) -> None:
-        if self._file and self._unsynced:
-            self._file.flush()
+        if self._file and self._durable < self._written:
             os.fsync(self._file.fileno())
-            self._unsynced = 0
+            self._durable = self._written
 
     def close(self) -> None:
         """Blocking (a thread): sync, compact, close."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 
+from daemon.upload import journal as journal_module
 from daemon.upload.complete import Identity
 from daemon.upload.journal import Journal, Multipart, Pinned, Stored
 
@@ -47,3 +50,33 @@ def test_close_compacts(tmp_path):
     lines = Path(path).read_text().splitlines()
     assert len(lines) == 1 and '"kept"' in lines[0]
     assert os.listdir(tmp_path) == ["journal.jsonl"]  # no temporary file left behind
+
+
+async def test_sync_returns_only_once_its_own_records_are_fsynced(tmp_path, monkeypatch):
+    """A sync racing one already in flight must not return on the strength of that one: it began
+    before this caller's record was written (a multipart upload must be durable before its parts)."""
+    j = Journal(str(tmp_path / "journal.jsonl"))
+    j.open()
+    release_first = threading.Event()
+    done: list[int] = []  # records written when each completed fsync began
+    calls = []
+    real = journal_module._fsync_and_close
+
+    def fsync(fd: int) -> None:
+        began_with = len(Path(j.path).read_text().splitlines())  # records the OS has at this fsync
+        calls.append(began_with)
+        if len(calls) == 1:
+            release_first.wait(10)
+        real(fd)
+        done.append(began_with)
+
+    monkeypatch.setattr(journal_module, "_fsync_and_close", fsync)
+    j.record("unpinned", stage="a")
+    j.record("unpinned", stage="b")  # e.g. the multipart upload that is about to send its parts
+    first = asyncio.ensure_future(j.sync())  # the periodic group commit, held in its thread
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(j.sync(), 5)  # the multipart upload's own
+    assert 2 in done  # an fsync that began with record "b" written had completed
+    release_first.set()
+    await first
+    j.close()
