@@ -37,6 +37,12 @@ async def first(awaitable: asyncio.Future, event: asyncio.Event) -> bool:
 
 async def supervise(c: Config, trainer: Trainer, signals: Signals, engine: Engine | None) -> int:
     """Run the trainer to its end, passing on what signals mean; return its exit status."""
+    early = [signals.actions.get_nowait() for _ in range(signals.actions.qsize())]
+    for what, sig in early:  # a SIGHUP or SIGUSR before training was meant for nobody; a stop still counts
+        if what is Action.FORWARD:
+            log.info("signal before training not forwarded", signal=sig.name)
+        else:
+            signals.actions.put_nowait((what, sig))
     task = asyncio.create_task(trainer.run())
     await first(task, trainer.started)
     if trainer.started.is_set():
@@ -66,7 +72,7 @@ async def run(c: Config, argv: list[str]) -> int:
         signals = Signals(deadline, exit_code=exits.signalled)
         async with storage_for(c) as storage, signals.installed(FORWARDED):
             restoring = asyncio.create_task(restore_phase(c, storage))
-            if await first(restoring, signals.stopping):
+            if await first(restoring, signals.stopping) or signals.stopping.is_set():
                 restoring.cancel()
                 log.warning("stopped before training started", signal=signals.first_stop.name)
                 return exits.signalled(signals.first_stop)
