@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import servers  # noqa: E402
-from daemons import JOB, PROJECT, Daemon, base_env, s3_args, wait_for  # noqa: E402
+from daemons import Daemon, base_env, wait_for, watch_args  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 4 * MiB
@@ -122,24 +122,7 @@ def main() -> None:
         bucket = servers.S3Bucket(gateway.server, servers.unique_bucket())
         bucket.client.create_bucket(Bucket=bucket.name)
         ckpt, exit_file = work / "ckpt", work / "exit"
-        argv = [
-            "watch",
-            *s3_args(bucket),
-            "--checkpoint-dir",
-            str(ckpt),
-            "--project",
-            PROJECT,
-            "--job-id",
-            JOB,
-            "--settle-time",
-            "0.1",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--exit-when",
-            str(exit_file),
-            "--drain-timeout",
-            str(int(args.timeout)),
-        ]
+        argv = watch_args(bucket, ckpt, exit_file, drain_timeout=int(args.timeout))
         env = {**base_env(), **gateway.server.env(), "PYTHONPATH": str(REPO)}
         daemon = Daemon(argv, env, work / "ckptd.log")
         address = daemon.wait_event("serving metrics and health")["address"]

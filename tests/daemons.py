@@ -34,6 +34,28 @@ def s3_args(bucket: S3Bucket) -> list[str]:
     ]
 
 
+def watch_args(bucket: S3Bucket, ckpt: Path, exit_file: Path, drain_timeout: float = 60) -> list[str]:
+    """`ckptd watch` of one folder for the test job, quick to settle, on a free metrics port."""
+    return [
+        "watch",
+        *s3_args(bucket),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--project",
+        PROJECT,
+        "--job-id",
+        JOB,
+        "--settle-time",
+        "0.1",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--exit-when",
+        str(exit_file),
+        "--drain-timeout",
+        str(drain_timeout),
+    ]
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -280,8 +280,6 @@ def test_kernel_refusal_is_a_permission_error():
         [sys.executable, "-c", REFUSED], check=False, capture_output=True, text=True, timeout=30, env=env, cwd="/"
     )
     assert out.returncode == 0, out.stderr
-    if out.stdout.strip() == "allowed":
-        pytest.skip("this environment lets unprivileged threads take realtime I/O priority")
     assert out.stdout.strip() == "EPERM Operation not permitted"
 
 

@@ -33,14 +33,16 @@ if mode in ("usr1", "usr1-grandchild"):
     signal.signal(signal.SIGUSR1, lambda *_: (note("usr1"), sys.exit(0)))
 if mode == "usr1-grandchild":
     grandchild = subprocess.Popen([sys.executable, "-c", sys.argv[3], out + ".grandchild", "usr1"])
+    deadline = time.monotonic() + 30
     while not os.path.exists(out + ".grandchild.ready"):
+        assert time.monotonic() < deadline, "the grandchild never got ready"
         time.sleep(0.01)
 info = {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
         "env": {k: v for k, v in os.environ.items() if k.startswith("BT_") or k == "KEPT"}}
 with open(out + ".ready", "w") as f:
     json.dump(info, f)
 while True:
-    time.sleep(0.02)
+    signal.pause()  # until a signal ends it (an ignored one only wakes it)
 """
 
 

@@ -141,10 +141,12 @@ class Journal:
     def close(self) -> None:
         """Blocking (a thread): sync, compact, close."""
         if self._file:
-            self._sync_now()
-            self.compact()
-            self._file.close()
-            self._file = None
+            try:
+                self._sync_now()
+                self.compact()
+            finally:  # a full disk fails the compaction, not the release of the descriptor
+                self._file.close()
+                self._file = None
 
 
 def release(journal: Journal, pin: Pin) -> None:

@@ -20,10 +20,10 @@ from daemons import (
     base_env,
     incomplete_uploads,
     manifests,
-    s3_args,
     sha256,
     stored_objects,
     wait_for,
+    watch_args,
 )
 from servers import free_port
 
@@ -39,25 +39,7 @@ def watch(tmp_path):
     def start(bucket, *extra: str, ckpt: Path | None = None, env: dict | None = None) -> Daemon:
         ckpt = ckpt or tmp_path / "ckpt"
         exit_file = tmp_path / f"exit-{len(started)}"
-        args = [
-            "watch",
-            *s3_args(bucket),
-            "--checkpoint-dir",
-            str(ckpt),
-            "--project",
-            PROJECT,
-            "--job-id",
-            JOB,
-            "--settle-time",
-            "0.1",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--exit-when",
-            str(exit_file),
-            "--drain-timeout",
-            "60",
-            *extra,
-        ]
+        args = [*watch_args(bucket, ckpt, exit_file), *extra]
         d = Daemon(args, {**base_env(), **bucket.server.env(), **(env or {})}, tmp_path / f"watch-{len(started)}.log")
         d.exit_file = exit_file
         started.append(d)

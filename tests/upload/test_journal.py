@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import threading
 from pathlib import Path
+
+import pytest
+from engines import until
 
 from daemon.upload import journal as journal_module
 from daemon.upload.complete import Identity
@@ -74,9 +79,30 @@ async def test_sync_returns_only_once_its_own_records_are_fsynced(tmp_path, monk
     j.record("unpinned", stage="a")
     j.record("unpinned", stage="b")  # e.g. the multipart upload that is about to send its parts
     first = asyncio.ensure_future(j.sync())  # the periodic group commit, held in its thread
-    await asyncio.sleep(0.05)
+    await until(lambda: len(calls) == 1, 5, "the first fsync to be under way")
     await asyncio.wait_for(j.sync(), 5)  # the multipart upload's own
     assert 2 in done  # an fsync that began with record "b" written had completed
     release_first.set()
     await first
     j.close()
+
+
+def test_close_releases_the_file_even_when_compaction_fails(tmp_path):
+    """The state folder gone (or the disk full) fails the compaction, never leaks the descriptor."""
+    folder = tmp_path / "state"
+    j = Journal(str(folder / "journal.jsonl"))
+    j.open()
+    j.record("unpinned", stage="a")
+    shutil.rmtree(folder)
+    with pytest.raises(FileNotFoundError):
+        j.close()
+    assert not [p for p in open_paths() if p.startswith(str(folder))]
+    j.close()  # and a second close is a no-op
+
+
+def open_paths() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor is gone by now
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out

@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from engines import until
+from engines import config, until
 
 from daemon import metrics
-from daemon.config.schema import DEFAULT_IGNORE, DEFAULT_MARKERS
 from daemon.storage import StorageError
 from daemon.storage.local import LocalStorage
-from daemon.storage.retry import Deadline
-from daemon.upload.commit import CheckpointTracker
-from daemon.upload.detect import Detector
+from daemon.upload.engine import Engine
 from daemon.upload.health import RECENT_ERRORS, StoreHealth
-from daemon.upload.journal import Journal
-from daemon.upload.pin import Staging
-from daemon.upload.queue import SMALL, Job, UploadQueue
-from daemon.upload.settle import Settler
-from daemon.upload.status import UploadStatus
-from daemon.upload.throttle import Throttle
-from daemon.upload.transfer import Transfer
-from daemon.upload.worker import Uploader
+from daemon.upload.queue import SMALL, Job
 
 KIND = "unit"
 
@@ -70,44 +61,24 @@ def test_store_health_keeps_the_recent_errors_bounded():
 
 
 class Rig:
+    """The engine's own components, wired by the engine itself, none of them started."""
+
     def __init__(self, tmp_path: Path) -> None:
-        self.root = tmp_path / "ckpt"
-        (tmp_path / "staging").mkdir()
+        engine = Engine(
+            config(tmp_path, f"file://{tmp_path / 'store'}", settle_time="0.1"), LocalStorage(tmp_path / "store")
+        )
+        self.root = Path(engine.root)
         self.root.mkdir()
-        self.staging = Staging(str(tmp_path / "staging"))
-        self.journal = Journal(str(tmp_path / "state" / "journal.jsonl"))
-        self.journal.open()
-        self.store = LocalStorage(tmp_path / "store")
-        self.queue = UploadQueue(1 << 20)
-        self.tracker = CheckpointTracker(DEFAULT_MARKERS, 60.0)
-        self.health = StoreHealth()
-        self.deadline = Deadline()
-        ignore = lambda *_: None  # noqa: E731 - callbacks this test does not follow
-        self.settler = Settler(str(self.root), self.staging, 0.1, DEFAULT_IGNORE, ignore, ignore, ignore)
-        transfer = Transfer(
-            self.store, self.journal, asyncio.Semaphore(2), Throttle(0), 1 << 20, None, self.deadline, self.health
+        os.makedirs(engine.staging.folder)
+        engine.journal.open()
+        self.staging, self.journal, self.store, self.queue = (
+            engine.staging,
+            engine.journal,
+            engine.storage,
+            engine.queue,
         )
-        self.uploader = Uploader(
-            queue=self.queue,
-            transfer=transfer,
-            journal=self.journal,
-            tracker=self.tracker,
-            health=self.health,
-            deadline=self.deadline,
-            committed=lambda: None,
-            renotice=ignore,
-        )
-        self.status = UploadStatus(
-            root=str(self.root),
-            storage_url=self.store.url,
-            queue=self.queue,
-            settler=self.settler,
-            tracker=self.tracker,
-            uploader=self.uploader,
-            health=self.health,
-            detector=Detector(str(self.root), asyncio.get_running_loop(), ignore),
-            deadline=self.deadline,
-        )
+        self.tracker, self.health, self.deadline = engine.tracker, engine.health, engine.deadline
+        self.uploader, self.status = engine.uploader, engine.status
 
     def job(self, relpath: str, size: int, age: float = 0.0) -> Job:
         path = self.root / relpath
@@ -128,7 +99,8 @@ def rig(tmp_path: Path):
 
     yield make
     for r in made:
-        r.journal.close()
+        with contextlib.suppress(FileNotFoundError):  # a test may have removed the whole folder
+            r.journal.close()
 
 
 async def test_an_idle_uploader_reports_nothing_pending(rig):
