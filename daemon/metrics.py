@@ -35,6 +35,18 @@ UPLOAD_FAILURES = Counter("ckptd_upload_failures", "Uploads given up, by error c
 FILES_SKIPPED = Counter(
     "ckptd_files_skipped", "Files not uploaded: ignored, unchanged, vanished, ...", ["reason"], registry=REGISTRY
 )
+PIN_FALLBACKS = Counter(
+    "ckptd_pin_fallbacks",
+    "Files pinned without a staging hard link (another file system): copied, or held by descriptor",
+    ["how"],
+    registry=REGISTRY,
+)
+STATE_WRITE_ERRORS = Counter(
+    "ckptd_state_write_errors", "Failed writes of the daemon's own journal, by errno name", ["reason"], registry=REGISTRY
+)
+TASK_RESTARTS = Counter(
+    "ckptd_task_restarts", "Background tasks restarted after ending unexpectedly", ["task"], registry=REGISTRY
+)
 RESCAN_FOUND = Counter("ckptd_rescan_found_files", "Files found by a scan, not by an event", registry=REGISTRY)
 COMMITTED = Counter("ckptd_checkpoints_committed", "Checkpoints committed", registry=REGISTRY)
 LAST_COMMIT_TIME = Gauge("ckptd_last_commit_timestamp_seconds", "Unix time of the last commit", registry=REGISTRY)
