@@ -87,7 +87,7 @@ async def run(c: Config, argv: list[str]) -> int:
             health.trainer_running = lambda: trainer.running
             status = await supervise(c, trainer, signals, engine)
             log.info("training finished", exit_code=status, succeeded=status == exits.OK)
-            report = await engine.shutdown(status) if engine else Report()
+            report = await engine.shutdown(status, success=status == exits.OK) if engine else Report()
     code = exits.of_run(status, report.ok)
     if code != status:
         log.error(

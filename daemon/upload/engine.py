@@ -174,11 +174,13 @@ class Engine:
             self.tracker.noticed(pin.relpath, now)
             self.queue.put(Job(pin, self.key(pin.relpath)))
 
-    async def shutdown(self, exit_code: int | None = None) -> Report:
+    async def shutdown(self, exit_code: int | None = None, *, success: bool = False) -> Report:
         """Final scan, drain until the deadline, commit, record, then cancel what is left.
 
-        `exit_code` is the trainer's (None in sidecar mode): only a success commits checkpoints
-        that have no marker, and it goes into the job metadata.
+        `exit_code` is the trainer's (None in sidecar mode) and goes into the job metadata.
+        `success` is positive evidence that the writer finished (the trainer's exit 0, the
+        `--exit-when` file): only then do checkpoints without a marker commit. A stop signal is
+        no such evidence: a save it interrupted must not become "latest" (SPEC §4).
         """
         self.deadline.start(self.c.drain_timeout)
         log.info("draining", deadline_seconds=round(self.deadline.at - time.monotonic(), 3))
@@ -191,7 +193,7 @@ class Engine:
         while (settler.busy() or not self.queue.empty()) and not self.deadline.passed():  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL)
         succeeded = exit_code in (None, exits.OK)
-        await self.publisher.commit_due(final=succeeded)
+        await self.publisher.commit_due(final=success)
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
         not_stored = {j.relpath for j in self.queue.pending()} | set(settler.settling())
         in_flight = [j.relpath for j in self.queue.jobs()]
