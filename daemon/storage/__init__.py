@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
+from daemon.storage.base import DIGEST_MISMATCH, Body, Digests, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.errors import StorageError
 from daemon.storage.options import (
     ADDRESSING_STYLES,
@@ -16,9 +16,11 @@ from daemon.storage.options import (
 __all__ = [
     "ADDRESSING_STYLES",
     "CHECKSUM_MODES",
+    "DIGEST_MISMATCH",
     "PAYLOAD_SIGNING",
     "SSE_MODES",
     "Body",
+    "Digests",
     "FileRange",
     "ObjectInfo",
     "Part",

@@ -24,6 +24,9 @@ class FileRange:
 
 
 Body = bytes | FileRange
+Digests = dict[str, bytes]
+# Error codes meaning "the body did not match the checksum sent with it" (AWS, MinIO, ours).
+DIGEST_MISMATCH = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"})
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,17 @@ class Storage(abc.ABC):
     """A place checkpoints are stored. Every method raises `StorageError` on failure."""
 
     url: str  # the storage URL as the user gave it, never with credentials
+    # Digest algorithms ("md5", "sha256", "crc32") with which `put` can make the store refuse a
+    # body that differs from the bytes the caller hashed.
+    verifies: tuple[str, ...] = ()
 
     @abc.abstractmethod
-    async def put(self, key: str, body: Body) -> str:
-        """Store a whole object atomically; return its etag."""
+    async def put(self, key: str, body: Body, digests: Digests | None = None) -> str:
+        """Store a whole object atomically; return its etag.
+
+        `digests` (raw, by algorithm, computed by the caller from the very bytes it means to
+        store) makes the store reject a body that reads differently now: a file rewritten in place
+        while it is sent. The refusal is a StorageError with a code in DIGEST_MISMATCH."""
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

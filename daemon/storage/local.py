@@ -22,7 +22,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 from daemon.storage import localfs as fs
-from daemon.storage.base import Body, ObjectInfo, Part, PendingUpload, Storage
+from daemon.storage.base import Body, Digests, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import body_size
 from daemon.storage.errors import StorageError
 
@@ -44,9 +44,12 @@ class LocalStorage(Storage):
 
     # -- objects ------------------------------------------------------------------------------
 
-    async def put(self, key: str, body: Body) -> str:
+    verifies = ("md5",)
+
+    async def put(self, key: str, body: Body, digests: Digests | None = None) -> str:
         fs.check_key("put", key)
-        return await self._run("put", key, fs.write_atomic, self.root / key, fs.fill_from(body))
+        expected = (digests or {}).get("md5")
+        return await self._run("put", key, fs.write_atomic, self.root / key, fs.fill_from(body, key, expected))
 
     async def head(self, key: str) -> ObjectInfo | None:
         fs.check_key("head", key)

@@ -154,12 +154,19 @@ def object_info(key: str, path: Path, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key, st.st_size, read_etag(path, st), mtime)
 
 
-def fill_from(body: Body) -> Callable[[int], str]:
+def fill_from(body: Body, key: str = "", expected_md5: bytes | None = None) -> Callable[[int], str]:
+    """Write the body; with `expected_md5`, refuse (before the rename makes it visible) a body
+    that differs from what the caller hashed, as S3 refuses a bad Content-MD5."""
+
     def fill(fd: int) -> str:
         md5 = hashlib.md5()
         for chunk in iter_chunks(body):
             md5.update(chunk)
             write_all(fd, chunk)
+        if expected_md5 is not None and md5.digest() != expected_md5:
+            raise StorageError(
+                "put", key, "BadDigest", "the body read differs from the bytes hashed", http_status=400, transient=False
+            )
         return md5.hexdigest()
 
     return fill

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from aiobotocore.session import AioSession
 
-from daemon.storage.base import Body, FileRange, ObjectInfo, Part, PendingUpload, Storage
+from daemon.storage.base import Body, Digests, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError
 from daemon.storage.options import S3Options
@@ -82,11 +82,13 @@ class S3Storage(Storage):
     def _rel(self, full_key: str) -> str:
         return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
-    async def _checksum_params(self, body: Body) -> dict[str, str]:
+    async def _checksum_params(self, body: Body, known: Digests | None = None) -> dict[str, str]:
         if self.options.checksum not in _CHECKSUM_PARAM:
             return {}
         algorithm, param = _CHECKSUM_PARAM[self.options.checksum]
-        raw = (await digests(body, (algorithm,)))[algorithm]
+        # The caller's digest is of the bytes it hashed for the manifest: hashing again here
+        # would be of whatever the file holds now, and would let a torn body through.
+        raw = known[algorithm] if known and algorithm in known else (await digests(body, (algorithm,)))[algorithm]
         return {param: b64(raw)}
 
     def _sse_params(self) -> dict[str, str]:
@@ -111,8 +113,13 @@ class S3Storage(Storage):
 
     # -- objects ------------------------------------------------------------------------------
 
-    async def put(self, key: str, body: Body) -> str:
-        params = await self._checksum_params(body)
+    @property
+    def verifies(self) -> tuple[str, ...]:  # type: ignore[override]
+        mode = _CHECKSUM_PARAM.get(self.options.checksum)
+        return (mode[0],) if mode else ()
+
+    async def put(self, key: str, body: Body, digests: Digests | None = None) -> str:
+        params = await self._checksum_params(body, digests)
         resp = await self._request(
             "put",
             key,

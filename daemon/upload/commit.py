@@ -99,6 +99,8 @@ class _Checkpoint:
     offered: tuple[Mapping[str, StoredFile], str] | None = None
     # What the last written manifest lists: a file noticed again but found unchanged commits nothing new.
     manifest_files: Mapping[str, StoredFile] | None = None
+    # Files that can never be stored (a name no store can hold): the checkpoint must never commit.
+    unstorable: set[str] = field(default_factory=set)
 
 
 class CheckpointTracker:
@@ -143,6 +145,28 @@ class CheckpointTracker:
         state = self._touch(checkpoint_of(relpath), now)
         state.pending.discard(relpath)
 
+    def unstorable(self, checkpoint: str, name: str, now: float) -> None:
+        """A file of `checkpoint` cannot be stored (its name): committing would hand restore a
+        checkpoint without it, so the checkpoint stays uncommitted and the drain reports it."""
+        state = self._touch(checkpoint, now)
+        state.unstorable.add(name)
+        state.committed = False
+
+    def unstorable_files(self) -> list[str]:
+        return sorted(name for state in self._checkpoints.values() for name in state.unstorable)
+
+    def listed(self, relpath: str) -> bool:
+        """Whether the checkpoint's written manifest names this file: overwriting its object
+        would make that manifest lie until it is rewritten."""
+        state = self._checkpoints.get(checkpoint_of(relpath))
+        return bool(state) and state.manifest_files is not None and relpath in state.manifest_files
+
+    def withdrawn(self, checkpoint: str) -> None:
+        """The checkpoint's manifest was deleted from the store: it commits again when due."""
+        state = self._state(checkpoint)
+        state.committed = False
+        state.manifest_files = None
+
     def set_metrics(self, checkpoint: str, metrics: dict[str, Any]) -> None:
         # May come before the marker's stored(): the engine parses the marker while it is pinned.
         self._state(checkpoint).metrics = dict(metrics)
@@ -164,7 +188,7 @@ class CheckpointTracker:
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
         if not state.committed and not state.pending and state.stored == state.manifest_files:
             state.committed = True  # noticed again, found unchanged: the manifest still holds
-        if state.committed or not state.stored:
+        if state.committed or not state.stored or state.unstorable:
             return None
         names = [*state.stored, *state.pending]
         return should_commit(
@@ -222,7 +246,9 @@ class CheckpointTracker:
     def uncommitted(self) -> list[str]:
         """Checkpoints holding files (stored or pending) that no written manifest covers."""
         return sorted(
-            cp for cp, state in self._checkpoints.items() if not state.committed and (state.stored or state.pending)
+            cp
+            for cp, state in self._checkpoints.items()
+            if not state.committed and (state.stored or state.pending or state.unstorable)
         )
 
     def pending_count(self) -> int:

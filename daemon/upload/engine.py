@@ -98,6 +98,7 @@ class Engine:
             deadline=self.deadline,
             committed=self.publisher.wake,
             renotice=self.intake.renotice,
+            withdraw=self.publisher.withdraw,
         )
         settler = self.intake.settler
         self.detector = Detector(
@@ -108,6 +109,7 @@ class Engine:
             skip_dir=is_state,
             pin=settler.pin_early,
         )
+        self.tasks = Tasks()
         self.status = UploadStatus(
             root=root,
             storage_url=storage.url,
@@ -118,8 +120,8 @@ class Engine:
             health=self.health,
             detector=self.detector,
             deadline=self.deadline,
+            tasks=self.tasks,
         )
-        self.tasks = Tasks()
 
     def key(self, relpath: str) -> str:
         return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
@@ -134,17 +136,17 @@ class Engine:
         os.makedirs(self.staging.folder, exist_ok=True)
         await asyncio.to_thread(self.journal.open)
         await self._recover()
-        self.tasks.spawn(self.intake.settler.run(), "settle")
+        self.tasks.spawn(self.intake.settler.run, "settle")
         for lane, count in ((SMALL, max(1, c.upload_concurrency // 2)), (LARGE, c.upload_concurrency)):
             for i in range(count):
-                self.tasks.spawn(self.uploader.run(lane), f"upload-{lane}-{i}")
-        self.tasks.spawn(self.publisher.run(), "commit")
+                self.tasks.spawn(lambda lane=lane: self.uploader.run(lane), f"upload-{lane}-{i}")
+        self.tasks.spawn(self.publisher.run, "commit")
         self.tasks.every(c.rescan_interval, self.intake.rescan, "rescan")
         self.tasks.every(JOURNAL_SYNC, self.journal.sync, "journal")
         if c.min_free_bytes:
             self.tasks.every(DISK_CHECK, self._relieve_disk_pressure, "disk-pressure")
         metrics.BACKLOG.attach(self.status.backlog)
-        self.tasks.spawn(self.publisher.job_status("RUNNING", None), "job-metadata")
+        self.tasks.spawn(lambda: self.publisher.job_status("RUNNING", None), "job-metadata", once=True)
         self.detector.start()
         await self.intake.rescan()
         log.info(
@@ -196,6 +198,7 @@ class Engine:
         await self.publisher.commit_due(final=success)
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
         not_stored = {j.relpath for j in self.queue.pending()} | set(settler.settling())
+        not_stored |= set(self.tracker.unstorable_files())  # never stored: their checkpoints stay uncommitted
         in_flight = [j.relpath for j in self.queue.jobs()]
         await self.tasks.cancel("drain finished" if not not_stored else "drain deadline passed")
         if in_flight:

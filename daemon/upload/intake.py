@@ -69,6 +69,9 @@ class Intake:
         metrics.FILES_SKIPPED.labels(reason=reason).inc()
         if reason == "vanished":
             self.tracker.dropped(relpath, time.monotonic())
+        elif reason == "unsafe_name":  # `relpath` is the absolute path here: it has no safe relpath
+            name = printable(os.path.relpath(relpath, self.root))
+            self.tracker.unstorable(layout.checkpoint_of(name), name, time.monotonic())
 
     async def rescan(self, retry_failed: bool = True) -> None:
         """Reconcile with the folder: inotify is a hint, this is the truth."""
@@ -94,3 +97,8 @@ class Intake:
             if known is None or Identity.stat(path) != known.identity:
                 out.append(path)
         return out
+
+
+def printable(name: str) -> str:
+    """A file name as logs and reports can show it: undecodable bytes as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

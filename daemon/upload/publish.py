@@ -12,7 +12,7 @@ import time
 import structlog
 
 from daemon import metrics
-from daemon.catalog import jobmeta
+from daemon.catalog import jobmeta, layout
 from daemon.catalog.manifest import build_manifest, write_manifest
 from daemon.config import Config
 from daemon.storage import Storage, StorageError
@@ -78,6 +78,20 @@ class Publisher:
             bytes=manifest["total_bytes"],
             step=step,
         )
+
+    async def withdraw(self, relpath: str) -> None:
+        """Delete the manifest naming `relpath` before its object is overwritten by a new version,
+        so that no committed manifest ever names bytes it does not describe: "latest" falls back
+        to the previous checkpoint until this one commits again. Raises StorageError, and then
+        the overwrite must not happen either."""
+        c, checkpoint = self.c, layout.checkpoint_of(relpath)
+        async with self._commit_lock:  # not while the same manifest is being written
+            if not self.tracker.listed(relpath):
+                return
+            key = layout.manifest_key(c.project, c.job_id, c.node_rank, checkpoint)
+            await self._retrying(lambda: self.storage.delete(key))
+            self.tracker.withdrawn(checkpoint)
+        log.info("manifest withdrawn until the changed file is stored", checkpoint=checkpoint, path=relpath)
 
     async def job_status(self, status: str, exit_code: int | None, **extra: object) -> None:
         """Write job metadata and this rank's status; a failure is logged and told to the store's health."""

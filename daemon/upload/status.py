@@ -17,6 +17,7 @@ from daemon.upload.detect import Detector
 from daemon.upload.health import StoreHealth
 from daemon.upload.queue import UploadQueue
 from daemon.upload.settle import Settler
+from daemon.upload.tasks import Tasks
 from daemon.upload.worker import Uploader
 
 LISTED = 20  # a status page, not a dump
@@ -35,9 +36,11 @@ class UploadStatus:
         health: StoreHealth,
         detector: Detector,
         deadline: Deadline,
+        tasks: Tasks,
     ) -> None:
         self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
         self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
+        self.tasks = tasks
 
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
@@ -54,7 +57,7 @@ class UploadStatus:
         )
 
     def not_ready(self) -> list[str]:
-        return self.health.not_ready()
+        return [*self.health.not_ready(), *self.tasks.not_ready()]
 
     def status(self) -> dict[str, Any]:
         backlog, last = self.backlog(), self.tracker.last_commit
@@ -72,6 +75,7 @@ class UploadStatus:
             "last_errors": list(self.health.recent),
             "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,
             "uncommitted": self.tracker.uncommitted()[:LISTED],
+            "unstorable": self.tracker.unstorable_files()[:LISTED],
             "watch_mode": self.detector.mode,
             "watch_degraded": self.detector.degraded_reason,
             "storage": self.storage_url,

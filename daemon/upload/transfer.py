@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.files import ShortRead, sha256_of
-from daemon.storage import FileRange, Part, Storage, StorageError
+from daemon.storage import DIGEST_MISMATCH, Digests, FileRange, Part, Storage, StorageError
+from daemon.storage.bodies import digests_sync
 from daemon.storage.retry import Deadline, retrying
 from daemon.upload import journal as jr
 from daemon.upload.complete import Identity
@@ -72,16 +73,23 @@ class Transfer:
 
     async def _single(self, pin: Pin, key: str, fd: int) -> jr.Stored:
         size = pin.identity.size
-        sha = await asyncio.to_thread(_sha256, fd, size)
+        # One pass gives the manifest's SHA-256 and the checksum the store verifies, so a body
+        # that differs from the hashed bytes (a rewrite in place mid-send) is refused, not stored.
+        hashed = await asyncio.to_thread(_digests, fd, size, ("sha256", *self.storage.verifies))
         self.throttle.debit(size)
-        etag = await retrying(
-            lambda: self.storage.put(key, FileRange(fd, 0, size)),
-            deadline=self.deadline,
-            observe=self.health.observe,
-            context={"path": pin.relpath},
-        )
+        try:
+            etag = await retrying(
+                lambda: self.storage.put(key, FileRange(fd, 0, size), hashed),
+                deadline=self.deadline,
+                observe=self.health.observe,
+                context={"path": pin.relpath},
+            )
+        except StorageError as e:
+            if e.code in DIGEST_MISMATCH:
+                raise Changed(f"{pin.relpath} changed while uploading: the store refused the body ({e.code})") from e
+            raise
         _check_unchanged(fd, pin)
-        return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
+        return jr.Stored(pin.relpath, pin.identity, hashed["sha256"].hex(), key, etag)
 
     async def _multipart(self, pin: Pin, key: str, fd: int) -> jr.Stored:
         size = pin.identity.size
@@ -168,6 +176,15 @@ def _sha256(fd: int, size: int) -> str:
     try:
         return sha256_of(fd, size)
     except ShortRead as e:
+        raise Changed(f"file shrank while hashing: {e}") from None
+
+
+def _digests(fd: int, size: int, algorithms: tuple[str, ...]) -> Digests:
+    try:
+        return digests_sync(FileRange(fd, 0, size), algorithms)
+    except OSError as e:
+        if e.errno is not None:  # a read error (EIO): the worker reports it
+            raise
         raise Changed(f"file shrank while hashing: {e}") from None
 
 

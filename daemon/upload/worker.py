@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -41,10 +41,13 @@ class Uploader:
         deadline: Deadline,
         committed: Callable[[], None],
         renotice: Callable[[str], None],
+        withdraw: Callable[[str], Awaitable[None]],
     ) -> None:
-        """`committed` wakes the publisher; `renotice(relpath)` hands a changed file back to settling."""
+        """`committed` wakes the publisher; `renotice(relpath)` hands a changed file back to settling;
+        `withdraw(relpath)` deletes a committed manifest naming the file before it is overwritten."""
         self.queue, self.transfer, self.journal, self.tracker = queue, transfer, journal, tracker
         self.health, self.deadline, self.wake_publisher, self.renotice = health, deadline, committed, renotice
+        self.withdraw = withdraw
         self.stored_count = 0
 
     async def run(self, lane: str) -> None:
@@ -52,12 +55,16 @@ class Uploader:
             job = await self.queue.get(lane)
             try:
                 await self._upload(job)
+            except Exception as e:  # a bug or a local failure: this file fails, the worker goes on
+                log.exception("upload failed unexpectedly", path=job.relpath, key=job.key)
+                self._failed(job, StorageError("upload", job.key, "LocalError", repr(e)[:300], transient=True))
             finally:
                 self.queue.done(job)
 
     async def _upload(self, job: Job) -> None:
         started = time.monotonic()
         try:
+            await self.withdraw(job.relpath)
             stored = await self.transfer.upload(job.pin, job.key)
         except StorageError as e:
             self._failed(job, e)

@@ -6,12 +6,16 @@ import asyncio
 import hashlib
 import os
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from conftest import fresh_bucket
 
-from daemon.storage import FileRange, Storage, StorageError
+from daemon.storage import DIGEST_MISMATCH, FileRange, Storage, StorageError
+from daemon.storage.bodies import digests_sync
+from daemon.storage.local import LocalStorage
 
 KIND = "unit"
 
@@ -180,3 +184,37 @@ async def test_presign_get_is_fetchable(store: Storage) -> None:
         return
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
     assert body == b"shared bytes"
+
+
+@pytest.fixture(params=["local", "juicefs-md5"])
+async def verifying_store(request: pytest.FixtureRequest, tmp_path, aws_env) -> AsyncIterator[Storage]:
+    """Backends that verify what they are sent. Moto checks no checksums, and the JuiceFS gateway
+    (an older MinIO) ignores flexible ones (crc32, sha256) while it checks Content-MD5; AWS S3
+    checks all three. Where the store checks nothing, the uploader's identity check after the
+    send and the manifest withdrawal before it are what keep a torn body out of a commit."""
+    if request.param == "local":
+        async with LocalStorage(tmp_path / "store") as local:
+            yield local
+        return
+    with fresh_bucket(request.getfixturevalue("juicefs_server"), aws_env) as bucket:
+        async with bucket.storage(checksum=request.param.split("-")[1]) as s3:
+            yield s3
+
+
+async def test_a_body_that_differs_from_its_digests_is_refused_and_the_old_object_kept(
+    verifying_store: Storage, data_file
+) -> None:
+    """A file rewritten in place between hashing and sending: the store refuses the body instead of
+    replacing a good object with bytes nobody hashed."""
+    store = verifying_store
+    await store.put("k", b"version one, committed")
+    hashed = digests_sync(b"version two, as hashed", ("sha256", *store.verifies))
+    fd = data_file(b"version 2!, as it reads")  # same length, other bytes: a torn rewrite
+    with pytest.raises(StorageError) as refused:
+        await store.put("k", FileRange(fd, 0, os.fstat(fd).st_size), hashed)
+    assert refused.value.code in DIGEST_MISMATCH, refused.value
+    assert await store.get("k") == b"version one, committed"
+    # The same digests with the bytes they describe are accepted.
+    fd = data_file(b"version two, as hashed")
+    await store.put("k", FileRange(fd, 0, os.fstat(fd).st_size), hashed)
+    assert await store.get("k") == b"version two, as hashed"
