@@ -1,5 +1,8 @@
 """`ckptd watch`: the sidecar. Upload until SIGTERM/SIGINT or `--exit-when PATH`, drain, exit 0 or 4.
 
+Only the `--exit-when` file says the writer finished: then checkpoints without a marker commit at
+the drain. After a stop signal they commit only if they were quiet long enough already.
+
 Signals (see `signals`): the first starts the drain, a second cuts it short (state is still
 recorded), a third exits at once.
 """
@@ -30,6 +33,20 @@ async def exit_file(path: str) -> None:
     log.info("exit file found", path=path)
 
 
+async def writer_finished(signals: Signals, exit_when: str | None) -> bool:
+    """Wait for a stop signal or the --exit-when file; True only when the file said the writer
+    finished. A stop signal is no evidence that the last save is complete (SPEC §4)."""
+    waiters = [asyncio.ensure_future(signals.stopping.wait())]
+    if exit_when:
+        waiters.append(asyncio.ensure_future(exit_file(exit_when)))
+    try:
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return len(waiters) > 1 and waiters[1] in done
+
+
 async def watch(c: Config, exit_when: str | None) -> int:
     deadline = Deadline()  # the drain's: a second stop signal shortens it
     async with serving(c, "watch") as health:
@@ -42,13 +59,8 @@ async def watch(c: Config, exit_when: str | None) -> int:
             health.uploads = engine.status
             await engine.startup()
             log.info("priority lowered", **engine.lower_priority())
-            stops = [asyncio.ensure_future(signals.stopping.wait())]
-            if exit_when:
-                stops.append(asyncio.ensure_future(exit_file(exit_when)))
-            await asyncio.wait(stops, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in stops:
-                waiter.cancel()
-            report = await engine.shutdown()
+            finished = await writer_finished(signals, exit_when)
+            report = await engine.shutdown(success=finished)
     if not report.ok:
         log.error("not everything was stored", files=report.not_stored[:50], count=len(report.not_stored))
     return exits.of_watch(report.ok)

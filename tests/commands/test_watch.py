@@ -186,6 +186,35 @@ def test_sigterm_drains_and_exits_0(watch, moto_bucket, tmp_path):
     assert d.events("signal received")[0]["signal"] == "SIGTERM"
 
 
+@pytest.mark.parametrize(
+    "stop, committed",
+    [
+        (signal.SIGTERM, False),  # the pod is stopping: the save may have been cut off
+        (signal.SIGINT, False),
+        ("exit-file", True),  # the trainer said it finished
+    ],
+    ids=["sigterm", "sigint", "exit-file"],
+)
+def test_only_the_exit_file_commits_a_checkpoint_without_a_marker(watch, moto_bucket, tmp_path, stop, committed):
+    """Issue 10 defect 6: 1 of 4 shards of a marker-less checkpoint is written when the stop comes.
+    A stop signal is no evidence the save finished: nothing commits, it never becomes "latest"."""
+    d = watch(moto_bucket)  # quiet_commit stays at its 60 s default: only the drain could commit
+    expected = {"step-3/shard-0-of-4.bin": write(tmp_path / "ckpt" / "step-3" / "shard-0-of-4.bin", os.urandom(1000))}
+    d.wait_event("uploaded", where=lambda e: e["path"] == "step-3/shard-0-of-4.bin")
+    if stop == "exit-file":
+        d.exit_file.touch()
+    else:
+        d.signal(stop)
+    assert d.wait(60) == 0, d.tail()  # every complete file is stored
+    assert {k: sha256(v) for k, v in stored_objects(moto_bucket).items()} == expected
+    found = manifests(moto_bucket)
+    if committed:
+        assert list(found) == ["step-3"] and found["step-3"]["reason"] == "final"
+    else:
+        assert found == {}, "a checkpoint interrupted by a stop signal was committed"
+        assert d.events("drained")[0]["uncommitted"] == ["step-3"]
+
+
 def test_permanent_error_is_reported_at_once_and_exits_4(watch, s3_bucket, tmp_path):
     started = time.monotonic()
     d = watch(dataclasses.replace(s3_bucket, name="no-such-bucket-ckptd"))
