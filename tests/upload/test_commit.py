@@ -204,3 +204,34 @@ def test_markers_match_the_file_name():
     assert is_marker("checkpoint-5/trainer_state.json", ("trainer_state.json", ".metadata"))
     assert is_marker("step-3/.metadata", ("trainer_state.json", ".metadata"))
     assert not is_marker("checkpoint-5/trainer_state.json.tmp", ("trainer_state.json",))
+
+
+@pytest.mark.parametrize("reason_path", ["marker", "quiet", "final"])
+def test_a_checkpoint_with_an_unstorable_file_never_commits(tracker, reason_path):
+    files = {
+        "marker": ("checkpoint-3/model.bin", "checkpoint-3/trainer_state.json"),
+        "quiet": ("step-3/model.bin",),
+        "final": ("step-3/model.bin",),
+    }[reason_path]
+    write(tracker, 0.0, *files)
+    checkpoint = files[0].split("/")[0]
+    tracker.unstorable(checkpoint, f"{checkpoint}/bad-\\xff.bin", 0.0)
+    now = 1e9 if reason_path == "quiet" else 1.0
+    assert tracker.due(now, final=reason_path == "final") == []
+    assert tracker.uncommitted() == [checkpoint]
+    assert tracker.unstorable_files() == [f"{checkpoint}/bad-\\xff.bin"]
+
+
+def test_a_file_is_listed_only_once_its_manifest_is_written_and_until_it_is_withdrawn(tracker):
+    write(tracker, 0.0, "checkpoint-1/model.bin", "checkpoint-1/trainer_state.json")
+    assert not tracker.listed("checkpoint-1/model.bin")  # nothing committed yet: nothing to withdraw
+    assert tracker.due(1.0) == [("checkpoint-1", "marker")]
+    assert tracker.committed("checkpoint-1", 1.0)
+    assert tracker.listed("checkpoint-1/model.bin")
+    assert not tracker.listed("checkpoint-1/other.bin") and not tracker.listed("checkpoint-2/model.bin")
+    tracker.noticed("checkpoint-1/model.bin", 2.0)  # rewritten: the manifest still names the old object
+    assert tracker.listed("checkpoint-1/model.bin")
+    tracker.withdrawn("checkpoint-1")
+    assert not tracker.listed("checkpoint-1/model.bin") and not tracker.is_committed("checkpoint-1")
+    tracker.stored(stored("checkpoint-1/model.bin"), 3.0)
+    assert tracker.due(3.0) == [("checkpoint-1", "marker")]  # commits again once the new version is stored
