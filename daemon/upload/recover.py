@@ -3,7 +3,12 @@
 - pins left in staging are handed back to be uploaded (they may be the only copy of a rotated file);
 - incomplete multipart uploads of this rank that the journal cannot resume are aborted;
 - a new pod of the same job (no journal) reconciles with the manifests already in the store
-  instead of uploading everything again.
+  instead of uploading everything again; so does a pod whose journal was corrupt and set aside
+  (`Journal.open`), adopting only those pins of it whose staging link is still that very file.
+
+Nothing here follows a link or opens what is not a regular file: staging entries that are links,
+FIFOs or folders are not adopted, and a manifest's path is compared only where it lies inside the
+checkpoint folder.
 
 `recover` takes its collaborators and returns what it found; the engine decides what to do with it.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +31,7 @@ from daemon.upload import journal as jr
 from daemon.upload.complete import Identity
 from daemon.upload.health import StoreHealth
 from daemon.upload.pin import Pin, Staging
+from daemon.upload.statedir import describe, ensure_dir, is_state, kind
 
 log = structlog.get_logger()
 
@@ -34,6 +41,7 @@ class Recovered:
     pins: list[Pin] = field(default_factory=list)  # adopted from staging: upload them
     committed: list[str] = field(default_factory=list)  # checkpoints a stored manifest covers as they are
     reconciled: int = 0  # local files a stored manifest already held byte for byte
+    set_aside: str | None = None  # where a corrupt journal went: this start recovered as a new pod
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class Rank:
 async def recover(
     *, root: str, journal: jr.Journal, staging: Staging, storage: Storage, health: StoreHealth, rank: Rank
 ) -> Recovered:
-    found = Recovered(pins=_adopt_pins(journal, staging))
+    found = Recovered(pins=_adopt_pins(journal, staging), set_aside=journal.set_aside)
     try:
         await _clean_multipart(root, journal, storage, rank, {p.relpath for p in found.pins})
         manifests = await read_manifests(storage, rank.project, rank.job_id, rank.rank)
@@ -66,17 +74,59 @@ async def recover(
 
 
 def _adopt_pins(journal: jr.Journal, staging: Staging) -> list[Pin]:
+    try:
+        ensure_dir(staging.folder)  # a link there would have us adopt, and delete, files elsewhere
+        names = set(staging.names())
+    except OSError as e:
+        log.error("staging folder not usable: no pin adopted", folder=staging.folder, error=describe(e))
+        names = set()
     pins = []
     for stage, pinned in list(journal.state.pinned.items()):
-        pin = staging.adopt(pinned.relpath, stage)
+        pin = _adopt(staging, pinned) if stage in names else None
         if pin is None:
             journal.record("unpinned", stage=stage)
         else:
             pins.append(pin)
-    for name in staging.names():
+    for stage, pinned in journal.salvaged.items():  # a corrupt journal's: only the very same file
+        pin = _adopt(staging, pinned) if stage in names and stage not in journal.state.pinned else None
+        if pin is not None and _same_file(pin.identity, pinned.identity):
+            journal.record("pinned", jr.Pinned(pinned.relpath, pin.identity, stage))
+            pins.append(pin)
+        elif pin is not None:
+            pin.release()
+    for name in names:
         if name not in journal.state.pinned:  # linked, then crashed before the journal line was written
-            os.unlink(staging.path(name))
+            _remove_stray(staging.path(name))
     return pins
+
+
+def _adopt(staging: Staging, pinned: jr.Pinned) -> Pin | None:
+    """The staging link as a Pin; None (logged) unless it is a regular file (never followed)."""
+    try:
+        pin = staging.adopt(pinned.relpath, pinned.stage)  # lstat: links, FIFOs, folders are None
+        what = "" if pin is not None else kind(os.lstat(staging.path(pinned.stage)).st_mode)
+    except OSError as e:
+        pin, what = None, describe(e)
+    if pin is None:
+        log.warning("pinned file not adopted", path=pinned.relpath, stage=pinned.stage, found=what)
+    return pin
+
+
+def _same_file(now: Identity, then: Identity) -> bool:
+    # Not the device number: it may change when the volume is mounted again in a new pod.
+    return (now.ino, now.size, now.mtime_ns) == (then.ino, then.size, then.mtime_ns)
+
+
+def _remove_stray(path: str) -> None:
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            log.warning("staging holds a folder: left alone", path=path)
+            return
+        os.unlink(path)  # a link itself, never its target
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("staging entry not removed", path=path, error=describe(e))
 
 
 async def _clean_multipart(root: str, journal: jr.Journal, storage: Storage, rank: Rank, adopted: set[str]) -> None:
@@ -98,15 +148,30 @@ def _reconcile(root: str, journal: jr.Journal, manifests: list[dict[str, Any]]) 
     adopted = 0
     for manifest in manifests:
         for f in manifest["files"]:
-            path = os.path.join(root, f["path"])
-            identity = Identity.stat(path)
-            if identity is None or identity.size != f["size"] or sha256_path(path) != f["sha256"]:
+            try:
+                identity = _holds(root, f)
+            except (OSError, ValueError) as e:  # unreadable, or a path no folder may hold: upload it
+                log.warning("local file not compared with its manifest", path=f["path"], error=str(e))
                 continue
-            journal.record("stored", jr.Stored(f["path"], identity, f["sha256"], f["key"], f["etag"]))
-            adopted += 1
+            if identity is not None:
+                journal.record("stored", jr.Stored(f["path"], identity, f["sha256"], f["key"], f["etag"]))
+                adopted += 1
     if adopted:
         log.info("reconciled with stored manifests", files=adopted)
     return adopted
+
+
+def _holds(root: str, f: dict[str, Any]) -> Identity | None:
+    """The local file's identity if it is, byte for byte, what the manifest entry `f` lists."""
+    relpath = f["path"]
+    path = layout.local_path(root, relpath)  # UnsafePath: absolute, '..'
+    inside = os.path.normpath(os.path.join(os.path.realpath(root), os.path.dirname(relpath)))
+    if is_state(relpath) or os.path.realpath(os.path.dirname(path)) != inside:
+        return None  # the state folder, or reached through a link: not ours to read
+    identity = Identity.stat(path)
+    if identity is None or identity.size != f["size"] or sha256_path(path) != f["sha256"]:
+        return None
+    return identity
 
 
 def _already_committed(stored: dict[str, jr.Stored], manifests: list[dict[str, Any]]) -> list[str]:

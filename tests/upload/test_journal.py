@@ -9,7 +9,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import pytest
 from engines import until
 
 from daemon.upload import journal as journal_module
@@ -87,17 +86,20 @@ async def test_sync_returns_only_once_its_own_records_are_fsynced(tmp_path, monk
     j.close()
 
 
-def test_close_releases_the_file_even_when_compaction_fails(tmp_path):
-    """The state folder gone (or the disk full) fails the compaction, never leaks the descriptor."""
+def test_close_writes_the_journal_anew_when_its_folder_was_removed_and_releases_the_file(tmp_path):
+    """Someone removed the state folder under a running daemon: its records are still true, so
+    close writes them to a new journal, never raises, and leaks no descriptor to the deleted one."""
     folder = tmp_path / "state"
     j = Journal(str(folder / "journal.jsonl"))
     j.open()
-    j.record("unpinned", stage="a")
+    j.record("stored", Stored("ckpt-1/a.bin", ID, "ab" * 32, "k/a", "etag"))
     shutil.rmtree(folder)
-    with pytest.raises(FileNotFoundError):
-        j.close()
+    assert j.close() is True
     assert not [p for p in open_paths() if p.startswith(str(folder))]
-    j.close()  # and a second close is a no-op
+    assert j.close() is True  # and a second close is a no-op
+    again = Journal(str(folder / "journal.jsonl"))
+    assert list(again.open().stored) == ["ckpt-1/a.bin"]
+    again.close()
 
 
 def open_paths() -> list[str]:
