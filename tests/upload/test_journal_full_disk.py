@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from engines import counter, until
 from structlog.testing import capture_logs
 
+from daemon.upload import journal as journal_module
 from daemon.upload.complete import Identity
 from daemon.upload.journal import Journal, Multipart, Pinned, Stored
 
@@ -190,3 +192,33 @@ def test_a_start_on_a_full_disk_appends_to_the_old_journal_after_its_torn_line(s
     assert sorted(again.open().stored) == sorted(stored(i).relpath for i in range(4))
     assert again.set_aside is None
     again.close()
+
+
+async def test_a_record_made_while_the_retry_is_in_flight_is_written_too(small_disk: Disk, monkeypatch):
+    """The retry's fsync runs in a thread; a record made meanwhile waits in memory and must still
+    reach the file once the journal is healthy again, without another record to push it."""
+    journal = small_disk.journal()
+    journal.open()
+    filler = fill(small_disk.mnt)
+    for i in range(30):
+        journal.record("stored", stored(i))
+    assert journal.error == ENOSPC
+    filler.unlink()
+    entered, release = threading.Event(), threading.Event()
+    real = journal_module._fsync_and_close
+
+    def held_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(journal_module, "_fsync_and_close", held_fsync)
+    async with syncing(journal):
+        await until(entered.is_set, 10, "the retry's fsync")
+        journal.record("stored", stored(30))  # the journal is still failing as far as record() knows
+        release.set()
+        await until(lambda: journal.error is None and journal.unsaved == 0, 10, "every record on disk")
+    again = small_disk.journal()
+    assert len(again.open().stored) == 31
+    again.close()
+    journal.close()
