@@ -47,6 +47,18 @@ def check_relpath(relpath: str) -> str:
     return relpath
 
 
+def is_segment(name: object) -> bool:
+    """Whether `name` can be one folder name in a key (a project, a job id, a checkpoint): a safe
+    relative path of a single segment. Listings of a hostile store can hold anything."""
+    if not isinstance(name, str) or "/" in name:
+        return False
+    try:
+        check_relpath(name)
+    except UnsafePath:
+        return False
+    return True
+
+
 def job_prefix(project: str, job_id: str) -> str:
     return f"{ROOT}/{project}/jobs/{job_id}/"
 

@@ -23,6 +23,8 @@ from daemon.storage import Storage, StorageError
 FORMAT = 1
 TRAINER_STATE = "trainer_state.json"  # Hugging Face's; the manifest's metrics come from it
 _READ_CONCURRENCY = 16
+MAX_MANIFEST_BYTES = 64 << 20  # ~250k files; read no more of an object claiming to be a manifest
+MAX_FILE_SIZE = 1 << 50  # 1 PiB: more than any object store holds in one object
 
 # Step from checkpoint names, first pattern that matches wins. `step` may appear anywhere as a
 # token (Lightning's `epoch=2-step=300`, DeepSpeed's `global_step100`); the others name the folder.
@@ -159,14 +161,20 @@ def _is(value: Any, typ: type) -> bool:
     return isinstance(value, typ) and not (typ is int and isinstance(value, bool))
 
 
-def _check_file(i: int, entry: Any, checkpoint: str) -> None:
+def _check_file(i: int, entry: Any, manifest: dict[str, Any]) -> None:
     _check(isinstance(entry, dict), f"files[{i}] is not an object")
     for name, typ in _FILE_FIELDS.items():
         _check(_is(entry.get(name), typ), f"files[{i}].{name} missing or not {typ.__name__}")
     _check(entry["size"] >= 0, f"files[{i}].size is negative")
+    # No store holds an object this big: a lie that must not become a huge download or allocation.
+    _check(entry["size"] <= MAX_FILE_SIZE, f"files[{i}].size {entry['size']} is larger than any object")
     _check(bool(_SHA256.fullmatch(entry["sha256"])), f"files[{i}].sha256 is not 64 lowercase hex digits")
-    layout.check_relpath(entry["path"])  # UnsafePath is a ValueError: restore must never escape
-    _check(layout.checkpoint_of(entry["path"]) == checkpoint, f"files[{i}].path is outside {checkpoint!r}")
+    path = layout.check_relpath(entry["path"])  # UnsafePath is a ValueError: restore must never escape
+    checkpoint = manifest["checkpoint"]
+    _check(layout.checkpoint_of(path) == checkpoint, f"files[{i}].path is outside {checkpoint!r}")
+    # ckptd stores a file at exactly this key; any other key (another job's, '..') is not ours to read.
+    expected = layout.file_key(manifest["project"], manifest["job_id"], manifest["rank"], path)
+    _check(entry["key"] == expected, f"files[{i}].key {entry['key']!r} is not the key of {path!r} ({expected!r})")
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
@@ -181,6 +189,8 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         _check(_is(manifest.get(name), typ), f"{name} missing or not {typ.__name__}")
     _check(manifest.get("step") is None or _is(manifest["step"], int), "step is not an integer or null")
     _check(manifest["rank"] >= 0, "rank is negative")
+    for name in ("project", "job_id"):
+        _check(layout.is_segment(manifest[name]), f"{name} {manifest[name]!r} is not a single folder name")
     checkpoint = manifest["checkpoint"]
     _check("/" not in checkpoint, f"checkpoint {checkpoint!r} is not a top-level folder name")
     _key_of(manifest)  # refuses '..' and the like (UnsafePath is a ValueError)
@@ -189,8 +199,11 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     except ValueError:
         stamp = None
     _check(stamp is not None and stamp.tzinfo is not None, "committed_at is not an ISO 8601 time with zone")
+    paths: set[str] = set()
     for i, entry in enumerate(manifest["files"]):
-        _check_file(i, entry, manifest["checkpoint"])
+        _check_file(i, entry, manifest)
+        _check(entry["path"] not in paths, f"files[{i}].path {entry['path']!r} is listed twice")
+        paths.add(entry["path"])
     _check(manifest["file_count"] == len(manifest["files"]), "file_count does not match files")
     _check(manifest["total_bytes"] == sum(f["size"] for f in manifest["files"]), "total_bytes does not match files")
     return manifest
@@ -222,23 +235,39 @@ async def write_manifest(storage: Storage, manifest: dict[str, Any]) -> dict[str
     return manifest
 
 
+async def read_manifest(storage: Storage, key: str) -> dict[str, Any]:
+    """The manifest stored at `key`, validated, and refused unless it belongs at that key (a
+    manifest of another job, rank or checkpoint copied there names nothing here).
+
+    ValueError saying what is wrong with a bad one; StorageError when the store fails.
+    """
+    try:  # bounded read: a huge object under the manifest prefix must not fill the memory
+        data = await storage.get(key, 0, MAX_MANIFEST_BYTES + 1)
+    except StorageError as exc:
+        if exc.code != "InvalidRange":  # S3's answer to any range of an empty object
+            raise
+        data = b""
+    try:
+        _check(len(data) <= MAX_MANIFEST_BYTES, f"larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = parse_manifest(data)
+        _check(_key_of(manifest) == key, f"it describes {_key_of(manifest)!r}")
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    return manifest
+
+
 async def _read_one(storage: Storage, key: str, limit: asyncio.Semaphore) -> dict[str, Any] | None:
     log = logs.get(__name__, key=key)
     async with limit:
         try:
-            manifest = parse_manifest(await storage.get(key))
+            return await read_manifest(storage, key)
         except StorageError as exc:
             if not exc.missing:  # a transient failure must not silently make "latest" older
                 raise
             log.info("manifest vanished while listing", error=str(exc))
-            return None
         except ValueError as exc:
             log.warning("skipping unreadable manifest", error=str(exc))
-            return None
-    if _key_of(manifest) != key:
-        log.warning("skipping manifest stored under another checkpoint's key", checkpoint=manifest["checkpoint"])
-        return None
-    return manifest
+    return None
 
 
 async def read_manifests(storage: Storage, project: str, job_id: str, rank: int) -> list[dict[str, Any]]:

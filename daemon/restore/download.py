@@ -1,6 +1,10 @@
-"""Downloading, verified: each file into a temporary name, in parallel (ranged GETs for big ones),
-checked against the manifest's size and SHA-256, fsynced and only then renamed into place, so a
-corrupt or partial file never sits at a path the trainer reads.
+"""Downloading, verified: each file of a checkpoint into its staging folder (stage.py), in
+parallel (ranged GETs for big ones), checked against the manifest's size and SHA-256 and fsynced,
+so that only verified bytes are ever put in place.
+
+The store is not trusted: a big object whose size differs from its manifest's is refused before
+its first byte is fetched, and the files are written at their declared offsets (nothing is
+preallocated), so a lying size costs one HEAD, not a disk's worth of zeros.
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import stat
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -17,11 +20,12 @@ import structlog
 
 from daemon import metrics
 from daemon.files import sha256_of
+from daemon.restore import safefs
 from daemon.restore.plan import Item
+from daemon.restore.stage import Staging
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
-PART_SUFFIX = ".ckptd-part"  # '.ckptd*' is ignored by the uploader, should restore_dir be watched
 ATTEMPTS = 3  # downloads of one file whose bytes do not match its manifest before giving up
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -35,56 +39,30 @@ class _Corrupt(Exception):
     """The stored object does not match its manifest entry."""
 
 
-def _matches(path: str, size: int, sha256: str) -> bool:
-    """Whether a regular file with exactly these bytes is already at `path`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        return stat.S_ISREG(st.st_mode) and st.st_size == size and sha256_of(fd) == sha256
-    finally:
-        os.close(fd)
+def _create(staging: Staging, relpath: str, opened: list[int]) -> None:
+    # The descriptor goes into `opened` at once, so the caller closes it even if it was cancelled.
+    with staging.slot(relpath) as (folder, name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=folder)  # a failed attempt's bytes
+        opened.append(safefs.create_file(folder, name))
 
 
-def _part_path(target: str) -> str:
-    head, name = os.path.split(target)
-    return os.path.join(head, f".{name}{PART_SUFFIX}")
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
-# The file operations below take paths, not a shared descriptor: a descriptor closed by one task
-# while a thread of another still writes through it could be reused by an unrelated file.
-def _prepare(tmp: str) -> None:
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
-
-
-def _write_at(tmp: str, data: bytes, offset: int) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    finally:
-        os.close(fd)
-
-
-def _finish(tmp: str, item: Item) -> None:
-    """Verify the temporary file against the manifest, make it durable, rename it into place."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size != item.size:
-            raise _Corrupt(f"size {size}, manifest says {item.size}")
-        got = sha256_of(fd)
-        if got != item.sha256:
-            raise _Corrupt(f"sha256 {got}, manifest says {item.sha256}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, item.target)
+def _finish(fd: int, item: Item) -> None:
+    """Verify the staged file against the manifest and make it durable."""
+    size = os.fstat(fd).st_size
+    if size != item.size:
+        raise _Corrupt(f"size {size}, manifest says {item.size}")
+    got = sha256_of(fd)
+    if got != item.sha256:
+        raise _Corrupt(f"sha256 {got}, manifest says {item.sha256}")
+    os.fsync(fd)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -137,19 +115,23 @@ class Downloader:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    async def run(self, items: Sequence[Item]) -> None:
-        await all_or_cancel(self._one(item) for item in items)
+    def keep(self, item: Item) -> None:
+        """`item` is already in place with the right bytes."""
+        self.kept_files += 1
+        self._advance(item.size)
 
-    async def _one(self, item: Item) -> None:
+    async def run(self, items: Sequence[Item], staging: Staging) -> None:
+        """Download and verify every item into `staging`; RestoreFailed naming the key if one fails."""
+        await all_or_cancel(self._one(item, staging) for item in items)
+
+    async def _one(self, item: Item, staging: Staging) -> None:
         async with self.files:
-            if await asyncio.to_thread(_matches, item.target, item.size, item.sha256):
-                self.kept_files += 1
-                self._advance(item.size)
-                return
             try:
-                await self._download(item)
+                await self._download(item, staging)
             except StorageError as exc:
                 raise RestoreFailed(f"cannot download {item.key}: {exc}") from exc
+            except safefs.Refused as exc:
+                raise RestoreFailed(f"cannot restore {item.key}: {exc}") from None
             except OSError as exc:
                 raise RestoreFailed(f"cannot write {item.target} (key {item.key}): {exc}") from exc
         self.landed.pop(item.target, None)
@@ -158,10 +140,21 @@ class Downloader:
         metrics.RESTORE_FILES.inc()
         metrics.RESTORE_BYTES.inc(item.size)
 
-    async def _download(self, item: Item) -> None:
+    async def _check_size(self, item: Item) -> None:
+        head = functools.partial(self.storage.head, item.key)
+        deadline = Deadline.after(self.retry_window)
+        info = await retrying(head, deadline=deadline, context={"file": item.target}, counter=None)
+        if info is None:
+            raise RestoreFailed(f"cannot download {item.key}: no such object")
+        if info.size != item.size:
+            raise RestoreFailed(f"{item.key} is {info.size} bytes, its manifest says {item.size}")
+
+    async def _download(self, item: Item, staging: Staging) -> None:
+        if item.size > self.chunk_size:  # one cheap request before several big ones
+            await self._check_size(item)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                await self._attempt(item)
+                await self._attempt(item, staging)
                 return
             except _Corrupt as exc:
                 self._advance(-self.landed.pop(item.target, 0))  # the bar goes back: fetched again
@@ -169,29 +162,28 @@ class Downloader:
                 if attempt == ATTEMPTS:
                     raise RestoreFailed(f"checksum mismatch for {item.key} after {ATTEMPTS} downloads: {exc}") from None
 
-    async def _attempt(self, item: Item) -> None:
-        """Download into a temporary name, verify, fsync, rename into place; _Corrupt on a mismatch."""
-        tmp = _part_path(item.target)
+    async def _attempt(self, item: Item, staging: Staging) -> None:
+        """Download into the staging folder, verify, fsync; _Corrupt on a mismatch."""
+        opened: list[int] = []
         try:
-            await _in_thread(_prepare, tmp)
-            await self._fetch(item, tmp)
-            await _in_thread(_finish, tmp, item)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # synchronous: it must happen even while the task is being cancelled
-            raise
+            await _in_thread(_create, staging, item.relpath, opened)
+            await self._fetch(item, opened[0])
+            await _in_thread(_finish, opened[0], item)
+        finally:
+            for fd in opened:  # every writer thread has ended: _fetch waits for them all
+                os.close(fd)
 
-    async def _fetch(self, item: Item, tmp: str) -> None:
+    async def _fetch(self, item: Item, fd: int) -> None:
         offsets = iter(range(0, item.size, self.chunk_size))  # shared: each chunk is taken by one worker
 
         async def worker() -> None:
             for start in offsets:
-                await self._chunk(item, tmp, start, min(start + self.chunk_size, item.size))
+                await self._chunk(item, fd, start, min(start + self.chunk_size, item.size))
 
         count = -(-item.size // self.chunk_size)
         await all_or_cancel(worker() for _ in range(min(self.concurrency, count)))
 
-    async def _chunk(self, item: Item, tmp: str, start: int, end: int) -> None:
+    async def _chunk(self, item: Item, fd: int, start: int, end: int) -> None:
         async with self.chunks:
             get = functools.partial(self.storage.get, item.key, start, end)
             try:
@@ -204,5 +196,5 @@ class Downloader:
                 raise _Corrupt(f"the object ends before byte {start}") from None
             if len(data) != end - start:
                 raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-            await _in_thread(_write_at, tmp, data, start)
+            await _in_thread(_write_at, fd, data, start)
         self._advance(len(data), item.target)

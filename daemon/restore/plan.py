@@ -1,11 +1,15 @@
 """Where the files of resolved checkpoints land, with no I/O: every path checked to stay inside
-the restore folder, and two references landing on one folder refused (SPEC §5)."""
+the restore folder, and two references landing on one folder refused (SPEC §5).
+
+The unit of restore is a checkpoint folder (`Unit`): it is staged and put in place as a whole
+(stage.py), so that the trainer never finds a folder that holds a marker but misses files.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.catalog import layout
@@ -25,18 +29,33 @@ class Item:
     """One file to put in place."""
 
     key: str
-    target: str
+    target: str  # absolute, for messages and the report; written only through its Unit's folder
     size: int
     sha256: str
+    relpath: str  # inside its checkpoint's folder: 'sub/optimizer.pt'
+
+
+@dataclass
+class Unit:
+    """One checkpoint folder to put in place, and whether a reference requires it."""
+
+    name: str  # the folder's name in the rank folder, or '.' for the files at the rank folder's top
+    folder: str  # absolute
+    required: bool
+    refs: list[str]
+    items: list[Item] = field(default_factory=list)
 
 
 def _target_folder(rank_folder: str, res: Resolved) -> str:
     if res.checkpoint == layout.ROOT_CHECKPOINT:
         return rank_folder
     try:
-        return layout.local_path(rank_folder, res.checkpoint)
+        folder = layout.local_path(rank_folder, res.checkpoint)
     except layout.UnsafePath as exc:
         raise UnsafeManifest(f"{res.ref.describe()}: refusing checkpoint name: {exc}") from None
+    if os.path.dirname(folder) != rank_folder:
+        raise UnsafeManifest(f"{res.ref.describe()}: refusing checkpoint name {res.checkpoint!r}: not one folder")
+    return folder
 
 
 def _items_of(res: Resolved, rank_folder: str) -> list[Item]:
@@ -51,7 +70,8 @@ def _items_of(res: Resolved, rank_folder: str) -> list[Item]:
             raise UnsafeManifest(
                 f"refusing key {key!r} of {res.ref.describe()}: {path!r} is outside {res.checkpoint!r}"
             )
-        items.append(Item(key, target, entry["size"], entry["sha256"]))
+        inside = path if res.checkpoint == layout.ROOT_CHECKPOINT else path.partition("/")[2]
+        items.append(Item(key, target, entry["size"], entry["sha256"], inside))
     return items
 
 
@@ -59,17 +79,26 @@ def _source(res: Resolved) -> tuple[str, str, int, str]:
     return res.project, res.job_id, res.source_rank, res.checkpoint
 
 
-def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[list[Item], list[dict[str, Any]]]:
-    """The files to put in place and what each reference restores; no I/O.
+def _check_root_names(units: dict[str, Unit]) -> None:
+    # A file at the rank folder's top named like another reference's checkpoint folder.
+    root = next((u for u in units.values() if u.name == layout.ROOT_CHECKPOINT), None)
+    for item in root.items if root else ():
+        if (other := units.get(os.path.join(root.folder, item.relpath))) is not None:
+            raise Conflict(f"{', '.join(root.refs)} and {', '.join(other.refs)} would both restore to {other.folder}")
+
+
+def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[list[Unit], list[dict[str, Any]]]:
+    """The checkpoint folders to put in place and what each reference restores; no I/O.
 
     Raises UnsafeManifest for a file that would escape the folder, Conflict for two references
-    landing on one folder. Two references naming the very same checkpoint are one.
+    landing on one folder. Two references naming the very same checkpoint are one unit, required
+    if either is.
     """
     # This node's rank, even when the files come from rank 0 of the source job: the trainer always
     # finds them with get_last_checkpoint(f"{BT_LOAD_CHECKPOINT_DIR}/rank-{BT_NODE_RANK}").
     rank_folder = os.path.join(os.path.abspath(restore_dir), f"rank-{rank}")
     claimed: dict[str, Resolved] = {}
-    items: dict[str, Item] = {}
+    units: dict[str, Unit] = {}
     restored = []
     for res in resolved:
         folder = _target_folder(rank_folder, res)
@@ -80,10 +109,16 @@ def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[lis
                 "give one of them another checkpoint or remove it"
             )
         mine = _items_of(res, rank_folder)
+        unit = units.setdefault(folder, Unit(res.checkpoint, folder, False, []))
+        unit.required |= res.ref.required
+        unit.refs.append(res.ref.describe())
         if first is res:
+            seen: set[str] = set()
             for item in mine:
-                if items.setdefault(item.target, item) is not item:
+                if item.relpath in seen:
                     raise UnsafeManifest(f"{res.ref.describe()}: manifest lists {item.target} twice")
+                seen.add(item.relpath)
+            unit.items = mine
         restored.append(
             {
                 "ref": res.ref.describe(),
@@ -98,4 +133,5 @@ def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[lis
                 "bytes": sum(i.size for i in mine),
             }
         )
-    return list(items.values()), restored
+    _check_root_names(units)
+    return list(units.values()), restored

@@ -1,8 +1,22 @@
-"""Which committed checkpoint a reference of `load_checkpoint_config.checkpoints` names, and where
-its files land (SPEC §4, §5).
+"""Which committed checkpoint a reference of `load_checkpoint_config.checkpoints` names (SPEC §4, §5).
 
 Only commit manifests are consulted: a checkpoint without one (a save cut short by a crash) is
-never a candidate, whatever files of it were stored.
+never a candidate, whatever files of it were stored. What the store holds may be hostile; a bad
+manifest is one that fails `manifest.read_manifest` (not JSON, not an object, a missing or
+mistyped field, an unsafe or foreign path or key, a duplicate path, an impossible size, a manifest
+of another job, rank or checkpoint stored at this key):
+
+| reference | bad manifest is                          | outcome                                   |
+|-----------|------------------------------------------|-------------------------------------------|
+| latest    | one of several of the job                | skipped, a warning names its key; the latest valid one serves |
+| latest    | every one of the job                     | skipped; the job has no committed checkpoint |
+| named     | the one the name points at               | BadManifest naming the key                |
+| any       | not `*.json`, or under a folder name no key may hold | ignored                       |
+
+BadManifest is exit 3 for a required reference, a warning and training from scratch for an
+optional one (restorer.py).
+
+A manifest that parses but lies about its files' bytes is caught when downloading (download.py).
 """
 
 from __future__ import annotations
@@ -14,14 +28,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-
 from daemon.catalog import jobmeta, layout
-from daemon.catalog.manifest import latest_manifest, parse_manifest
+from daemon.catalog.manifest import latest_manifest, read_manifest
 from daemon.config.refs import NAMED, CheckpointRef
 from daemon.storage import Storage, StorageError
 
-log = structlog.get_logger()
 _READ_CONCURRENCY = 16
 # ckptd's generated job ids start with their creation time (see config.schema._new_job_id).
 _GENERATED_ID = re.compile(r"(\d{8}t\d{6})-[0-9a-f]+")
@@ -36,6 +47,14 @@ class AmbiguousJob(LookupError):
             f"{ref.describe()}: job {ref.job_id!r} exists in several projects ({', '.join(projects)}); "
             "set project_name in the reference"
         )
+
+
+class BadManifest(ValueError):
+    """The manifest a named reference points at is damaged or not what it claims: it names nothing."""
+
+    def __init__(self, ref: CheckpointRef, key: str, why: str) -> None:
+        self.key = key
+        super().__init__(f"{ref.describe()}: unusable manifest {why}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +149,8 @@ async def _project_of(storage: Storage, ref: CheckpointRef, default_project: str
         return ref.project_name
     if await _job_exists(storage, default_project, ref.job_id):
         return default_project
-    projects = [p for p in await storage.list_dirs(f"{layout.ROOT}/") if p != default_project]
+    # A folder name no key may hold ('..', '') is someone else's object, never a project.
+    projects = [p for p in await storage.list_dirs(f"{layout.ROOT}/") if p != default_project and layout.is_segment(p)]
     has = await asyncio.gather(*(_job_exists(storage, p, ref.job_id) for p in projects))
     found = sorted(p for p, yes in zip(projects, has, strict=True) if yes)
     if len(found) > 1:
@@ -153,20 +173,18 @@ async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) 
     source = await _source_rank(storage, project, ref.job_id, rank)
     if source is None:
         return None
-    key = layout.manifest_key(project, ref.job_id, source, ref.checkpoint_name)
     try:
-        manifest = parse_manifest(await storage.get(key))
+        key = layout.manifest_key(project, ref.job_id, source, ref.checkpoint_name)
+    except layout.UnsafePath as exc:
+        raise BadManifest(ref, "", str(exc)) from None
+    try:
+        manifest = await read_manifest(storage, key)  # refuses one stored under another name's key
     except StorageError as exc:
         if exc.missing:
             return None
         raise
-    except ValueError as exc:
-        # Like latest, which skips unreadable manifests: a damaged one names no checkpoint.
-        log.warning("skipping unreadable manifest", key=key, error=str(exc))
-        return None
-    if manifest["checkpoint"] != ref.checkpoint_name:
-        log.warning("skipping manifest of another checkpoint", key=key, checkpoint=manifest["checkpoint"])
-        return None
+    except ValueError as exc:  # its message names the key
+        raise BadManifest(ref, key, str(exc)) from None
     return Resolved(ref, project, ref.job_id, source, manifest["checkpoint"], manifest)
 
 
@@ -178,7 +196,7 @@ async def _created_at(storage: Storage, project: str, job_id: str, limit: asynci
 
 async def _latest_of_project(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
     """The latest checkpoint of the most recently created job of the project that has one."""
-    jobs = await storage.list_dirs(f"{layout.ROOT}/{project}/jobs/")
+    jobs = [j for j in await storage.list_dirs(f"{layout.ROOT}/{project}/jobs/") if layout.is_segment(j)]
     limit = asyncio.Semaphore(_READ_CONCURRENCY)
     created = await asyncio.gather(*(_created_at(storage, project, job, limit) for job in jobs))
     order = sorted(zip(jobs, created, strict=True), key=lambda jc: job_order_key(*jc), reverse=True)

@@ -12,7 +12,7 @@ from daemon.catalog.jobmeta import ensure_job
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore.plan import Conflict, Item, UnsafeManifest, plan
-from daemon.restore.resolve import AmbiguousJob, Resolved, job_order_key, pick_rank, resolve
+from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, job_order_key, pick_rank, resolve
 
 KIND = "unit"
 
@@ -170,9 +170,12 @@ async def test_job_without_metadata_sorts_by_its_generated_id(history):
     assert found.job_id == "20990101t000000-abcdef"
 
 
-async def test_unreadable_named_manifest_matches_nothing(history):
-    await history.put(layout.manifest_key("proj", "job-a", 0, "checkpoint-100"), b"{not json")
-    assert await resolve(history, named("checkpoint-100", "job-a"), default_project="proj", rank=0) is None
+async def test_unreadable_named_manifest_is_an_error_naming_its_key(history):
+    key = layout.manifest_key("proj", "job-a", 0, "checkpoint-100")
+    await history.put(key, b"{not json")
+    with pytest.raises(BadManifest, match=f"{key}: bad manifest: not JSON") as caught:
+        await resolve(history, named("checkpoint-100", "job-a"), default_project="proj", rank=0)
+    assert caught.value.key == key
 
 
 def resolved(job: str, checkpoint: str, *paths: str, source_rank: int = 0) -> Resolved:
@@ -185,11 +188,12 @@ def resolved(job: str, checkpoint: str, *paths: str, source_rank: int = 0) -> Re
 def test_plan_puts_files_under_this_nodes_rank(tmp_path):
     # Files from rank 0 of the source job land under this node's own rank folder.
     ref = resolved("a", "checkpoint-20", "checkpoint-20/m.bin", "checkpoint-20/d/x")
-    items, restored = plan([ref], str(tmp_path), rank=3)
+    units, restored = plan([ref], str(tmp_path), rank=3)
     folder = tmp_path / "rank-3" / "checkpoint-20"
-    assert items == [
-        Item("k/a/checkpoint-20/m.bin", str(folder / "m.bin"), 19, "0" * 64),
-        Item("k/a/checkpoint-20/d/x", str(folder / "d" / "x"), 17, "0" * 64),
+    assert [(u.name, u.folder, u.required) for u in units] == [("checkpoint-20", str(folder), False)]
+    assert units[0].items == [
+        Item("k/a/checkpoint-20/m.bin", str(folder / "m.bin"), 19, "0" * 64, "m.bin"),
+        Item("k/a/checkpoint-20/d/x", str(folder / "d" / "x"), 17, "0" * 64, "d/x"),
     ]
     assert [(r["source_rank"], r["target"], r["files"], r["bytes"]) for r in restored] == [(0, str(folder), 2, 36)]
 
@@ -225,6 +229,7 @@ def test_plan_refuses_a_path_listed_twice(tmp_path):
         ([resolved("a", "c", "c/x"), resolved("b", "c", "c/y")], True),  # other job, same folder
         ([resolved("a", "c", "c/x"), resolved("a", "c", "c/x", source_rank=1)], True),  # other rank
         ([resolved("a", ".", "x"), resolved("b", ".", "y")], True),
+        ([resolved("a", ".", "c"), resolved("b", "c", "c/x")], True),  # a top file named like a folder
         ([resolved("a", "c", "c/x"), resolved("a", "c", "c/x")], False),  # the very same checkpoint: one
         ([resolved("a", "c", "c/x"), resolved("b", "d", "d/x")], False),
         ([resolved("a", ".", "x"), resolved("b", "c", "c/x")], False),
@@ -235,7 +240,8 @@ def test_plan_conflicts(tmp_path, refs, conflict):
         with pytest.raises(Conflict, match="would both restore to"):
             plan(refs, str(tmp_path), 0)
     else:
-        items, restored = plan(refs, str(tmp_path), 0)
+        units, restored = plan(refs, str(tmp_path), 0)
+        items = [i for u in units for i in u.items]
         assert len(restored) == 2 and len(items) == len({i.target for i in items})
 
 

@@ -17,7 +17,7 @@ from daemon.catalog import layout
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore import restorer as restore_mod
 from daemon.restore.resolve import Resolved
-from daemon.restore.restorer import PART_SUFFIX, SUMMARY, MiB, RestoreConflict, RestoreFailed, restore
+from daemon.restore.restorer import STAGING_PREFIX, SUMMARY, MiB, RestoreConflict, RestoreFailed, restore
 from daemon.storage import StorageError
 
 KIND = "unit"
@@ -94,7 +94,8 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.rglob(f"*{PART_SUFFIX}")]
+    """Staging folders and files left behind (none may be, once restore returned or raised)."""
+    return [p.name for p in folder.rglob(f"{STAGING_PREFIX}*")] + [p.name for p in folder.rglob("*.ckptd-part")]
 
 
 def sample(name: str) -> float:
@@ -170,17 +171,26 @@ async def test_matching_files_are_kept(source, out):
     assert changed.read_bytes() == FILES["config.json"]
 
 
-@pytest.mark.parametrize("size_delta", [0, -1000], ids=["same-size", "truncated"])
-async def test_corrupt_object_fails_and_leaves_nothing(source, out, size_delta):
-    key = layout.file_key("proj", "src", 0, "checkpoint-20/model.safetensors")
-    await source.put(key, payload(len(FILES["model.safetensors"]) + size_delta, 99))  # wrong bytes
+@pytest.mark.parametrize(
+    "name, size_delta, error, gets",
+    [
+        ("model.safetensors", 0, "checksum mismatch for {key} after 3", 3),  # same size, other bytes
+        ("config.json", -3, "checksum mismatch for {key} after 3", 3),  # small: one GET, short body
+        ("config.json", +3, "checksum mismatch for {key} after 3", 3),  # small: the range cuts it
+        ("model.safetensors", -1000, "{key} is .* bytes, its manifest says", 0),  # big: one HEAD, no GET
+    ],
+    ids=["same-size", "small-shorter", "small-longer", "big-shorter"],
+)
+async def test_corrupt_object_fails_and_leaves_nothing(source, out, name, size_delta, error, gets):
+    key = layout.file_key("proj", "src", 0, f"checkpoint-20/{name}")
+    await source.put(key, payload(len(FILES[name]) + size_delta, 99))  # wrong bytes
     spy, seen = Spy(source), []
-    with pytest.raises(RestoreFailed, match=f"checksum mismatch for {key}"):
+    with pytest.raises(RestoreFailed, match=error.format(key=key)):
         await run(spy, [ref()], out, concurrency=2, progress=lambda d, t: seen.append((d, t)))
     assert all(0 <= d <= t for d, t in seen)  # each failed attempt's bytes are taken back
-    assert not (out / "rank-0" / "checkpoint-20" / "model.safetensors").exists()
+    assert not (out / "rank-0" / "checkpoint-20").exists()  # nothing of it is visible, marker or not
     assert leftovers(out) == []
-    assert sum(k == key and s == 0 for k, s, _ in spy.gets) == 3  # three downloads, then it gives up
+    assert sum(k == key and s == 0 for k, s, _ in spy.gets) == gets  # three downloads, then it gives up
     assert not (out / SUMMARY).exists()
 
 
@@ -261,7 +271,8 @@ async def test_unparseable_manifest_is_never_restored(store, out):
     }
     await store.put(layout.manifest_key("proj", "src", 0, "checkpoint-1"), json.dumps(bad).encode())
     await store.put("k", b"x")
-    with pytest.raises(RestoreFailed, match="matches no committed checkpoint"):
+    key = layout.manifest_key("proj", "src", 0, "checkpoint-1")
+    with pytest.raises(RestoreFailed, match=f"required .*unusable manifest {key}: .*unsafe path"):
         await run(store, [ref("checkpoint-1", required=True)], out / "a" / "b")
     report = await run(store, [CheckpointRef(LATEST, job_id="src")], out / "a" / "b")
     assert report.missing and [p.name for p in out.rglob("*") if p.is_file()] == [SUMMARY]
