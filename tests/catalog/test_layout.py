@@ -84,3 +84,23 @@ def test_metadata_keys():
     assert layout.manifest_key("p", "j", 0, ".") == "training_projects/p/jobs/j/manifests/rank-0/.json"
     assert layout.job_metadata_key("p", "j") == "training_projects/p/jobs/j/job.json"
     assert layout.rank_status_key("p", "j", 2) == "training_projects/p/jobs/j/status/rank-2.json"
+
+
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("job-1", True),
+        ("检查点 7", True),
+        (".", False),
+        ("..", False),
+        ("", False),
+        ("a/b", False),
+        ("/abs", False),
+        ("a\0b", False),
+        ("bad-\udcff", False),
+        (None, False),
+        (3, False),
+    ],
+)
+def test_is_segment(name, ok):
+    assert layout.is_segment(name) is ok

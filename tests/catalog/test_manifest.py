@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.catalog import layout
+from daemon.catalog import manifest as manifest_mod
 from daemon.catalog.jsonio import json_bytes
 from daemon.catalog.manifest import (
     StoredFile,
@@ -18,6 +19,7 @@ from daemon.catalog.manifest import (
     metrics_from_trainer_state,
     parse_manifest,
     parse_step,
+    read_manifest,
     read_manifests,
     recency,
     write_manifest,
@@ -199,6 +201,13 @@ def _mutate(path: str, value: object) -> dict:
         ("file_count", 3, "file_count does not match"),
         ("total_bytes", 0, "total_bytes does not match"),
         ("metrics", [], "metrics missing or not dict"),
+        ("files.0.size", 2**62, "larger than any object"),
+        ("files.0.key", "training_projects/proj/jobs/job/rank-1/checkpoint-5/a", r"files\[0\].key .* is not the key"),
+        ("files.0.key", "/etc/passwd", "is not the key"),
+        ("files.0.key", "training_projects/proj/jobs/job/rank-0/checkpoint-5/../../x", "is not the key"),
+        ("project", "..", "project '..' is not a single folder name"),
+        ("job_id", "a/b", "job_id 'a/b' is not a single folder name"),
+        ("job_id", "", "is not a single folder name"),
     ],
 )
 def test_parse_manifest_says_what_is_wrong(path, value, message):
@@ -206,7 +215,15 @@ def test_parse_manifest_says_what_is_wrong(path, value, message):
         parse_manifest(json_bytes(_mutate(path, value)))
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff", b"[]", b'"manifest"'])
+def test_parse_manifest_refuses_a_path_listed_twice():
+    m = manifest("checkpoint-5", T0, "a", "b")
+    m["files"][1] = dict(m["files"][0])
+    m["total_bytes"] = sum(f["size"] for f in m["files"])
+    with pytest.raises(ValueError, match=r"files\[1\].path 'checkpoint-5/a' is listed twice"):
+        parse_manifest(json_bytes(m))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff", b"[]", b'"manifest"', b"[" * 5000, b"null", b"NaN"])
 def test_parse_manifest_refuses_non_objects(data):
     with pytest.raises(ValueError, match="bad manifest"):
         parse_manifest(data)
@@ -274,3 +291,17 @@ async def test_damaged_or_misplaced_manifests_are_skipped(store):
     await write_manifest(store, manifest("checkpoint-2", T0))
     fixed = layout.manifest_key("proj", "job", 0, "checkpoint-2")
     assert parse_manifest(await store.get(fixed))["checkpoint"] == "checkpoint-2"
+
+
+async def test_read_manifest_refuses_what_does_not_belong_at_its_key(store, monkeypatch):
+    key = layout.manifest_key("proj", "job", 0, "checkpoint-1")
+    await store.put(key, json_bytes(manifest("checkpoint-2", T0)))  # another checkpoint's, copied
+    with pytest.raises(ValueError, match=f"{key}: bad manifest: it describes .*checkpoint-2.json"):
+        await read_manifest(store, key)
+    await store.put(key, b"")  # an empty object: S3 answers a range of it with InvalidRange
+    with pytest.raises(ValueError, match=f"{key}: bad manifest: not JSON"):
+        await read_manifest(store, key)
+    monkeypatch.setattr(manifest_mod, "MAX_MANIFEST_BYTES", 100)
+    await store.put(key, json_bytes(manifest("checkpoint-1", T0)))
+    with pytest.raises(ValueError, match="larger than 100 bytes"):
+        await read_manifest(store, key)
