@@ -5,8 +5,10 @@ All of them block: call them from a worker thread when on the event loop.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
@@ -82,8 +84,11 @@ def sha256_of(fd: int, size: int | None = None) -> str:
 
 
 def sha256_path(path: str | os.PathLike[str]) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """SHA-256 of a regular file; OSError for anything else (a link, or a FIFO that would block)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         return sha256_of(fd)
     finally:
         os.close(fd)

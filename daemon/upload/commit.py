@@ -99,6 +99,8 @@ class _Checkpoint:
     offered: tuple[Mapping[str, StoredFile], str] | None = None
     # What the last written manifest lists: a file noticed again but found unchanged commits nothing new.
     manifest_files: Mapping[str, StoredFile] | None = None
+    # Files a manifest found in the store at start names (it may list versions this run never saw).
+    in_store: set[str] = field(default_factory=set)
     # Files that can never be stored (a name no store can hold): the checkpoint must never commit.
     unstorable: set[str] = field(default_factory=set)
 
@@ -159,13 +161,20 @@ class CheckpointTracker:
         """Whether the checkpoint's written manifest names this file: overwriting its object
         would make that manifest lie until it is rewritten."""
         state = self._checkpoints.get(checkpoint_of(relpath))
-        return bool(state) and state.manifest_files is not None and relpath in state.manifest_files
+        if state is None:
+            return False
+        return relpath in state.in_store or (state.manifest_files is not None and relpath in state.manifest_files)
+
+    def found_in_store(self, checkpoint: str, relpaths: Iterable[str]) -> None:
+        """Recovery: a manifest in the store names these files."""
+        self._state(checkpoint).in_store.update(relpaths)
 
     def withdrawn(self, checkpoint: str) -> None:
         """The checkpoint's manifest was deleted from the store: it commits again when due."""
         state = self._state(checkpoint)
         state.committed = False
         state.manifest_files = None
+        state.in_store.clear()
 
     def set_metrics(self, checkpoint: str, metrics: dict[str, Any]) -> None:
         # May come before the marker's stored(): the engine parses the marker while it is pinned.

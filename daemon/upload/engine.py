@@ -8,7 +8,6 @@ the engine only builds them and passes each its collaborators.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from daemon.config import Config
 from daemon.files import free_bytes
 from daemon.storage import Storage
 from daemon.storage.retry import Deadline
-from daemon.upload import diskpressure, recover
+from daemon.upload import diskpressure, recover, statedir
 from daemon.upload import journal as jr
 from daemon.upload.commit import CheckpointTracker
 from daemon.upload.detect import Detector
@@ -121,6 +120,7 @@ class Engine:
             detector=self.detector,
             deadline=self.deadline,
             tasks=self.tasks,
+            journal=self.journal,
         )
 
     def key(self, relpath: str) -> str:
@@ -133,7 +133,11 @@ class Engine:
 
     async def startup(self) -> None:
         c = self.c
-        os.makedirs(self.staging.folder, exist_ok=True)
+        try:
+            # Not makedirs: through a `.ckptd` that is a link it would create files where that points.
+            await asyncio.to_thread(statedir.prepare, self.root, c.node_rank)
+        except OSError as e:  # the journal then reports itself not ready, and retries
+            log.error("state folder not usable", folder=self.root, error=str(e))
         await asyncio.to_thread(self.journal.open)
         await self._recover()
         self.tasks.spawn(self.intake.settler.run, "settle")
@@ -169,9 +173,12 @@ class Engine:
         )
         now = time.monotonic()
         for s in self.journal.state.stored.values():
-            self.tracker.stored(s.file(), now)
+            if s.key == self.key(s.relpath):  # not a record of another job that used this folder
+                self.tracker.stored(s.file(), now)
         for checkpoint in found.committed:
             self.tracker.already_committed(checkpoint)
+        for checkpoint, relpaths in found.listed.items():
+            self.tracker.found_in_store(checkpoint, relpaths)
         for pin in found.pins:
             self.tracker.noticed(pin.relpath, now)
             self.queue.put(Job(pin, self.key(pin.relpath)))

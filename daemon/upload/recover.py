@@ -42,6 +42,7 @@ class Recovered:
     committed: list[str] = field(default_factory=list)  # checkpoints a stored manifest covers as they are
     reconciled: int = 0  # local files a stored manifest already held byte for byte
     set_aside: str | None = None  # where a corrupt journal went: this start recovered as a new pod
+    listed: dict[str, set[str]] = field(default_factory=dict)  # checkpoint -> files its stored manifest names
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ async def recover(
     if not journal.state.stored and manifests:
         found.reconciled = await asyncio.to_thread(_reconcile, root, journal, manifests)
     found.committed = _already_committed(journal.state.stored, manifests)
+    found.listed = {m["checkpoint"]: {f["path"] for f in m["files"]} for m in manifests}
     return found
 
 

@@ -15,6 +15,7 @@ from daemon.storage.retry import Deadline
 from daemon.upload.commit import CheckpointTracker
 from daemon.upload.detect import Detector
 from daemon.upload.health import StoreHealth
+from daemon.upload.journal import Journal
 from daemon.upload.queue import UploadQueue
 from daemon.upload.settle import Settler
 from daemon.upload.tasks import Tasks
@@ -37,10 +38,11 @@ class UploadStatus:
         detector: Detector,
         deadline: Deadline,
         tasks: Tasks,
+        journal: Journal,
     ) -> None:
         self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
         self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
-        self.tasks = tasks
+        self.tasks, self.journal = tasks, journal
 
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
@@ -57,7 +59,7 @@ class UploadStatus:
         )
 
     def not_ready(self) -> list[str]:
-        return [*self.health.not_ready(), *self.tasks.not_ready()]
+        return [*self.health.not_ready(), *self.journal.not_ready(), *self.tasks.not_ready()]
 
     def status(self) -> dict[str, Any]:
         backlog, last = self.backlog(), self.tracker.last_commit
@@ -81,4 +83,9 @@ class UploadStatus:
             "storage": self.storage_url,
             "storage_reachable": self.health.reachable,
             "draining": self.deadline.is_set,
+            "journal": {
+                "error": self.journal.error,
+                "unsaved_records": self.journal.unsaved,
+                "set_aside": self.journal.set_aside,
+            },
         }

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,3 +136,43 @@ async def test_a_name_the_store_refuses_keeps_its_checkpoint_uncommitted_loudly(
     assert not report.ok
     assert report.not_stored == ["checkpoint-1/odd\nname.bin"]
     assert report.uncommitted == ["checkpoint-1"]
+
+
+async def test_a_new_pod_withdraws_a_stored_manifest_before_overwriting_a_file_it_names(tmp_path):
+    """No journal (a new pod of the same job), and a file of a committed checkpoint changed since:
+    the manifest in the store still names the old object, so it must go before the object does."""
+    store = tmp_path / "store"
+    c = config(tmp_path, f"file://{store}")
+    folder = tmp_path / "ckpt" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    (folder / "model.bin").write_bytes(os.urandom(64 << 10))
+    (folder / "trainer_state.json").write_text('{"global_step": 1}')
+    async with storage_for(c) as storage:
+        first = Engine(c, storage)
+        await first.startup()
+        await until(lambda: first.tracker.is_committed("checkpoint-1"), 30, "the first commit")
+        assert (await first.shutdown(success=True)).ok
+    shutil.rmtree(tmp_path / "ckpt" / ".ckptd")
+    content = os.urandom(64 << 10)
+    (folder / "model.bin").write_bytes(content)
+    watch = ManifestWatch(store, "checkpoint-1")
+    try:
+        async with storage_for(c) as storage:
+            second = Engine(c, storage)
+            await second.startup()
+            want = hashlib.sha256(content).hexdigest()
+            await until(
+                lambda: (
+                    second.tracker.is_committed("checkpoint-1")
+                    and {f.relpath: f.sha256 for f in second.tracker.files("checkpoint-1")}.get(
+                        "checkpoint-1/model.bin"
+                    )
+                    == want
+                ),
+                30,
+                "the changed file to be stored and committed",
+            )
+            assert (await second.shutdown(success=True)).ok
+    finally:
+        watch.stop()
+    assert watch.checks > 0 and watch.lies == []
