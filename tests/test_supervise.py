@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from engines import config, until
 
-from daemon.supervise import Trainer, commands_of, trainer_env
+from daemon.supervise import EXIT_GRACE, KILL_WAIT, Proc, Trainer, commands_of, family, trainer_env
 
 KIND = "integration"
 
@@ -191,3 +191,108 @@ async def test_kill_kills_at_once(tmp_path: Path, launch):
     assert await asyncio.wait_for(task, 10) == 137
     assert time.monotonic() - killed < 5
     assert trainer.stopping and not trainer.running
+
+
+ME, MY_SID, LEADER = 100, 100, 200
+
+
+def proc(pid: int, ppid: int, pgid: int | None = None, sid: int | None = None, state: str = "S") -> Proc:
+    return Proc(pid, ppid, pgid if pgid is not None else pid, sid if sid is not None else pid, state)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "p, adopts, in_family",
+    [
+        (proc(LEADER, ME, LEADER, LEADER), False, True),  # the leader
+        (proc(201, 1, LEADER, LEADER), False, True),  # in its group, reparented to init
+        (proc(202, 1, 202, LEADER), False, True),  # its own group, the leader's session
+        (proc(203, ME, 203, 203), True, True),  # our child in another session: an adopted orphan
+        (proc(203, ME, 203, 203), False, False),  # ...which only a subreaper can have
+        (proc(204, ME, ME, MY_SID), True, False),  # our child in our session: not the trainer's
+        (proc(205, 1, 205, 205), True, False),  # unrelated
+        (proc(ME, 1, ME, MY_SID), True, False),  # ckptd itself
+    ],
+    ids=["leader", "group", "session", "adopted", "not-adopted", "ours", "unrelated", "ckptd"],
+)
+def test_family_table(p: Proc, adopts: bool, in_family: bool):
+    procs = {ME: proc(ME, 1, ME, MY_SID), p.pid: p}
+    assert (p.pid in family(procs, LEADER, ME, MY_SID, adopts)) is in_family
+
+
+@pytest.mark.unit
+def test_family_holds_every_descendant_of_a_member_whatever_its_group_or_session():
+    procs = {
+        p.pid: p
+        for p in (
+            proc(ME, 1, ME, MY_SID),
+            proc(LEADER, ME, LEADER, LEADER),
+            proc(301, LEADER, 301, 301),  # setsid child of the leader
+            proc(302, 301, 302, 301),  # its child, in a group of its own
+            proc(303, 302, 303, 303, "Z"),  # a zombie grandchild: still family, to be reaped
+            proc(304, ME, ME, MY_SID),  # a sibling of the leader, ours
+        )
+    }
+    assert family(procs, LEADER, ME, MY_SID, adopts=False) == {LEADER, 301, 302, 303}
+
+
+LEAVES_A_CHILD = (
+    r"""
+sh -c 'trap "" TERM; echo $$ > "$0"; while :; do sleep 0.05; done' "$1" &
+while [ ! -s "$1" ]; do sleep 0.01; done
+touch "$1.ready"
+"""
+    + "{end}"
+)
+
+
+def child_pid(out: Path) -> int | None:
+    return int(out.read_text()) if out.exists() and Path(f"{out}.ready").exists() else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("end", ["exit 0", "wait"], ids=["leader-exits-0", "leader-stopped"])
+async def test_a_child_that_outlives_its_leader_is_killed_before_run_returns(tmp_path: Path, end: str):
+    """The leader ends (by itself, or on the forwarded SIGTERM) and leaves a child in its group that
+    ignores SIGTERM: run() returns only once it is dead, about the stop timeout later."""
+    out = tmp_path / "child.pid"
+    trainer = Trainer([["/bin/sh", "-c", LEAVES_A_CHILD.format(end=end), "sh", str(out)]], {}, 0.5)
+    task = asyncio.ensure_future(trainer.run())
+    await until(lambda: child_pid(out), 10, "the child to start")
+    child = child_pid(out)
+    stopped = time.monotonic()
+    if end == "wait":
+        trainer.forward(signal.SIGTERM, stop=True)
+    try:
+        status = await asyncio.wait_for(task, 15)
+        assert not alive(child), "run() returned while the child lived"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert status == (0 if end == "exit 0" else 143)
+    assert trainer.left_running and not trainer.running
+    assert 0.5 <= time.monotonic() - stopped < 0.5 + EXIT_GRACE + KILL_WAIT
+
+
+async def test_kill_at_once_from_another_thread_kills_the_group_and_its_setsid_descendants(tmp_path: Path):
+    """What a third stop signal does from the signal thread, with no event loop: nothing is left."""
+    out = tmp_path / "child.pid"
+    script = LEAVES_A_CHILD.replace("sh -c", "setsid sh -c").format(end="wait")
+    trainer = Trainer([["/bin/sh", "-c", script, "sh", str(out)]], {}, 3600)
+    task = asyncio.ensure_future(trainer.run())
+    await until(lambda: child_pid(out), 10, "the setsid child to start")
+    child, leader = child_pid(out), trainer.proc.pid
+    try:
+        assert os.getsid(child) != os.getsid(leader)  # out of reach of the group's signals
+        await asyncio.to_thread(trainer.kill_at_once)
+        assert await asyncio.wait_for(task, 15) == 137
+        await until(lambda: not alive(child), 10, "the setsid child to be killed")
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)

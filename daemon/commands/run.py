@@ -2,7 +2,11 @@
 
 Signals (see `signals`): a first stop signal is forwarded to the trainer, which is killed if still
 running after --stop-timeout; a second kills it at once and shortens the drain (state is still
-recorded); a third exits at once. Other signals are forwarded to the trainer.
+recorded); a third kills it and exits at once. Other signals are forwarded to the trainer.
+
+The drain starts once everything the trainer started is gone (see `supervise`): nothing writes
+while the last files are judged. Only the trainer's exit 0, with nothing of it left running, is
+evidence that its last save finished.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from daemon.commands.restore import restore_phase
 from daemon.commands.signals import FORWARDED, Action, Signals
 from daemon.config import Config
 from daemon.storage.retry import Deadline
-from daemon.supervise import Trainer, commands_of, trainer_env
+from daemon.supervise import Trainer, become_subreaper, commands_of, trainer_env
 from daemon.upload.engine import Engine, Report
 
 log = structlog.get_logger()
@@ -83,11 +87,17 @@ async def run(c: Config, argv: list[str]) -> int:
             if engine:
                 health.uploads = engine.status
                 await engine.startup()
-            trainer = Trainer(commands_of(c, argv), trainer_env(c, os.environ), c.stop_timeout)
+            trainer = Trainer(
+                commands_of(c, argv), trainer_env(c, os.environ), c.stop_timeout, adopts=become_subreaper()
+            )
+            signals.before_exit = trainer.kill_at_once  # a third stop signal leaves nothing of it running
             health.trainer_running = lambda: trainer.running
-            status = await supervise(c, trainer, signals, engine)
+            status = await supervise(c, trainer, signals, engine)  # returns once all it started is gone
+            finished = status == exits.OK and not trainer.left_running
             log.info("training finished", exit_code=status, succeeded=status == exits.OK)
-            report = await engine.shutdown(status, success=status == exits.OK) if engine else Report()
+            if status == exits.OK and not finished:
+                log.warning("the trainer exited 0 but left processes running: no final commit without a marker")
+            report = await engine.shutdown(status, success=finished) if engine else Report()
     code = exits.of_run(status, report.ok)
     if code != status:
         log.error(

@@ -5,9 +5,14 @@ Real subprocesses and signals, real inotify, real S3 servers (moto, JuiceFS gate
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +50,7 @@ def job(tmp_path):
         refs: list | None = None,
         trainer: dict | None = None,
         endpoint: str | None = None,
+        cmd: list[str] | None = None,
     ) -> Job:
         folder = tmp_path / f"{job_id}-rank-{rank}"
         folder.mkdir()
@@ -80,8 +86,7 @@ def job(tmp_path):
             "5",
             *extra,
             "--",
-            sys.executable,
-            TRAINER,
+            *(cmd or [sys.executable, TRAINER]),
         ]
         env = {
             **base_env(),
@@ -204,6 +209,103 @@ def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_b
     assert j.daemon.events("killing the trainer")[0]["reason"] == "stop timeout"
 
 
+# A trainer whose writers outlive it. Each process writes its pid to $LEFT/NAME.pid.
+LEFT_BEHIND = r"""#!/bin/sh
+case "$1" in
+writer)  # a checkpoint file every 20 ms, forever; the child ignores SIGTERM
+    [ "$2" = child ] && trap '' TERM
+    echo $$ > "$LEFT/$2.pid"
+    i=0
+    while :; do
+        i=$((i + 1))
+        mkdir -p "$BT_CHECKPOINT_DIR/$2-$i" && echo "$i" > "$BT_CHECKPOINT_DIR/$2-$i/shard.bin"
+        sleep 0.02
+    done ;;
+middle)  # a writer in a session of its own: the leader's setsid grandchild
+    setsid "$0" writer grandchild &
+    wait ;;
+*)  # the leader: it ends on SIGTERM, or exits 0 once its writers run if LEADER says so
+    echo $$ > "$LEFT/leader.pid"
+    "$0" writer child &
+    "$0" middle &
+    while [ ! -s "$LEFT/child.pid" ] || [ ! -s "$LEFT/grandchild.pid" ]; do sleep 0.01; done
+    touch "$LEFT/ready"
+    [ "$LEADER" = exit ] && exit 0
+    wait ;;
+esac
+"""
+
+
+def writing(pid: int) -> bool:
+    """Whether `pid` is still one of LEFT_BEHIND's writers (not a zombie, not a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"writer" in command
+
+
+def logged_at(event: dict) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+@pytest.mark.parametrize(
+    "how, code",
+    [("sigterm", 143), ("leader-killed", 137), ("leader-exits-0", 0)],
+    ids=["sigterm-to-ckptd", "leader-sigkilled", "leader-exits-0"],
+)
+def test_what_the_trainer_leaves_running_is_stopped_before_the_drain(job, moto_bucket, tmp_path, how, code):
+    """Issue 10 defect 9: the leader exits (on SIGTERM, SIGKILL or by itself) while a child that
+    ignores SIGTERM and a setsid grandchild keep writing checkpoints. They get the rest of the stop
+    timeout, then SIGKILL, are named in the log, and the drain starts only once they are dead."""
+    script, left = tmp_path / "train.sh", tmp_path / "left"
+    script.write_text(LEFT_BEHIND)
+    script.chmod(0o755)
+    left.mkdir()
+    leader = "exit" if how == "leader-exits-0" else "wait"
+    j = job(
+        moto_bucket,
+        f"job-{how}",
+        "--stop-timeout",
+        "2",
+        cmd=[str(script)],
+        trainer={"LEFT": str(left), "LEADER": leader},
+    )
+    wait_for(lambda: (left / "ready").exists(), 30, "the trainer's writers to start")
+    pids = {name: int((left / f"{name}.pid").read_text()) for name in ("child", "grandchild")}
+    try:
+        if how == "sigterm":
+            j.daemon.signal(signal.SIGTERM)
+        elif how == "leader-killed":
+            os.kill(int((left / "leader.pid").read_text()), signal.SIGKILL)
+        assert j.daemon.wait(60) == code, j.daemon.tail()
+        assert not [name for name, pid in pids.items() if writing(pid)], "writers outlived ckptd"
+    finally:
+        for pid in pids.values():
+            if writing(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    outlived = j.daemon.events("the trainer's processes outlived it")[0]
+    named = {p["pid"]: p["command"] for p in outlived["processes"]}
+    assert "writer child" in named[pids["child"]] and "writer grandchild" in named[pids["grandchild"]]
+    killed = j.daemon.events("killing the trainer")[0]
+    assert killed["reason"] == "stop timeout"
+    assert {p["pid"] for p in killed["processes"]} & set(pids.values()) == {pids["child"]}  # the rest took SIGTERM
+    stopped = j.daemon.events("signal received")[0] if how == "sigterm" else outlived
+    assert 1.8 <= logged_at(killed) - logged_at(stopped) <= 3.5  # the stop timeout, not more
+
+    # The drain came after the last write: every file on disk is stored, as it is on disk.
+    ckpt = j.folder / "ckpt"
+    on_disk = {
+        str(p.relative_to(ckpt)): sha256(p.read_bytes())
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.relative_to(ckpt).parts[0] != ".ckptd"
+    }
+    assert {k: sha256(v) for k, v in stored_objects(moto_bucket, f"job-{how}").items()} == on_disk
+    assert manifests(moto_bucket, f"job-{how}") == {}  # writers were cut off: no final commit without a marker
+
+
 def test_a_second_stop_signal_kills_the_trainer_at_once(job, moto_bucket):
     j = job(
         moto_bucket, "job-2nd", "--stop-timeout", "120", trainer={"TRAINER_WAIT": "yes", "TRAINER_ON_TERM": "ignore"}
@@ -233,6 +335,78 @@ def test_a_second_stop_signal_during_the_drain_cuts_it_short(job, moto_bucket):
     j.daemon.signal(signal.SIGTERM)
     assert j.daemon.wait(60) == 4, j.daemon.tail()
     assert [e["action"] for e in j.daemon.events("signal received")] == ["stop", "hurry"]
+
+
+def test_a_third_stop_signal_during_the_drain_exits_at_once(job, moto_bucket):
+    j = job(
+        moto_bucket,
+        "job-third",
+        "--drain-timeout",
+        "300",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        trainer={"TRAINER_STEPS": "1"},
+    )
+    j.daemon.wait_event("draining")
+    for count in (1, 2, 3):
+        j.daemon.signal(signal.SIGTERM)
+        if count < 3:  # signals of one kind merge while one is pending: let each be seen
+            wait_for(lambda n=count: len(j.daemon.events("signal received")) == n, 30, f"signal {count}")
+    assert j.daemon.wait(30) == 128 + signal.SIGTERM, j.daemon.tail()
+    assert j.daemon.events("third stop signal: exiting without draining")[0]["exit_code"] == 143
+    assert not j.daemon.events("drained")
+
+
+def test_hup_and_usr_signals_reach_the_trainer_which_goes_on(job, moto_bucket):
+    j = job(
+        moto_bucket,
+        "job-fwd",
+        trainer={"TRAINER_WAIT": "yes", "TRAINER_NOTE": "yes", "TRAINER_ON_TERM": "save"},
+    )
+    wait_for(lambda: (j.folder / "ready").exists(), 30, "the trainer to wait")
+    sent = ["SIGHUP", "SIGUSR1", "SIGUSR2"]
+    for count, name in enumerate(sent, 1):
+        j.daemon.signal(signal.Signals[name])
+        wait_for(lambda n=count: len(j.record.get("signals", [])) == n, 30, f"the trainer to note {name}")
+    j.daemon.signal(signal.SIGTERM)
+    assert j.daemon.wait() == 0, j.daemon.tail()
+    assert j.record["signals"] == sent and j.record["terminated"] is True
+    assert [e["action"] for e in j.daemon.events("signal received")] == ["forward"] * 3 + ["stop"]
+
+
+@pytest.fixture
+def silent_store():
+    """An S3 endpoint that takes connections and never answers: a store stalled mid-request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def take() -> None:
+        while True:
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:  # shut down: the test is over
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    for conn in taken:
+        conn.close()
+
+
+@pytest.mark.parametrize("stops", [1, 2, 3], ids=["one", "two", "three"])
+def test_stop_signals_during_a_stalled_restore_never_start_training(job, moto_bucket, silent_store, stops):
+    endpoint, taken = silent_store
+    j = job(moto_bucket, f"job-rs-{stops}", refs=[latest_of(job_id="job-a", required=True)], endpoint=endpoint)
+    wait_for(lambda: taken, 30, "the restore to reach the store")
+    stopped = time.monotonic()
+    for _ in range(stops):  # in quick succession: the later ones may land while ckptd winds down
+        j.daemon.signal(signal.SIGTERM)
+    code = j.daemon.wait(30)
+    assert (128 - code if code < 0 else code) == 128 + signal.SIGTERM, j.daemon.tail()  # 143, as the shell sees it
+    assert time.monotonic() - stopped < 15, "not stopped promptly"
+    assert j.daemon.events("stopped before training started")
+    assert not j.ran()
 
 
 def test_store_down_still_reports_success_of_training_and_exits_4(job, moto_bucket):

@@ -125,22 +125,37 @@ def test_every_way_of_writing_ends_with_the_final_content(watch, s3_bucket, tmp_
 def test_open_ignored_and_deleted_files_are_never_stored(watch, s3_bucket, tmp_path):
     ckpt = tmp_path / "ckpt"
     d = watch(s3_bucket)
-    held = open(ckpt / "still-writing.bin", "wb")  # noqa: SIM115 - held open across the drain
-    held.write(os.urandom(MiB))
-    held.flush()
-    for name in ("x.tmp", "y.part", "z.lock", "tmp-checkpoint-3/model.bin", ".model.bin.swp"):
-        write(ckpt / name, b"temporary")
-    write(ckpt / os.fsdecode(b"not-utf8-\xff.bin"), b"no S3 key can name this")
-    with open(ckpt / "deleted.bin", "wb") as f:
-        f.write(b"half a checkpoint")
-        os.unlink(ckpt / "deleted.bin")
-    write(ckpt / "sentinel.bin", b"done")
-    d.wait_event("uploaded", where=lambda e: e["path"] == "sentinel.bin")
-    assert drain(d) == 0, d.tail()
-    held.close()
+    with open(ckpt / "still-writing.bin", "wb") as held:  # held open across the drain
+        held.write(os.urandom(MiB))
+        held.flush()
+        for name in ("x.tmp", "y.part", "z.lock", "tmp-checkpoint-3/model.bin", ".model.bin.swp"):
+            write(ckpt / name, b"temporary")
+        with open(ckpt / "deleted.bin", "wb") as f:
+            f.write(b"half a checkpoint")
+            os.unlink(ckpt / "deleted.bin")
+        write(ckpt / "sentinel.bin", b"done")
+        d.wait_event("uploaded", where=lambda e: e["path"] == "sentinel.bin")
+        assert drain(d) == 0, d.tail()
     assert list(stored_objects(s3_bucket)) == ["sentinel.bin"]
     assert d.events("drained")[0]["still_being_written"] == ["still-writing.bin"]
-    assert "not-utf8" in d.events("file name cannot be stored")[0]["path"]
+
+
+def test_a_file_name_no_store_can_hold_keeps_its_checkpoint_uncommitted_and_exits_4(watch, s3_bucket, tmp_path):
+    """Issue 10 defect 7: a checkpoint with a file that cannot be stored is never committed, even with
+    its marker; the file is logged once and named in the drain report, and the exit code is 4."""
+    folder = tmp_path / "ckpt" / "checkpoint-1"
+    d = watch(s3_bucket)
+    write(folder / os.fsdecode(b"not-utf8-\xff.bin"), b"no S3 key can name this")
+    expected = {f"checkpoint-1/{n}": write(folder / n, os.urandom(1000)) for n in ("model.bin", "trainer_state.json")}
+    for name in expected:
+        d.wait_event("uploaded", where=lambda e, n=name: e["path"] == n)
+    assert drain(d) == 4, d.tail()
+    assert {k: sha256(v) for k, v in stored_objects(s3_bucket).items()} == expected
+    assert manifests(s3_bucket) == {}
+    drained = d.events("drained")[0]
+    assert len(drained["not_stored"]) == 1 and "not-utf8" in drained["not_stored"][0]
+    assert "checkpoint-1" in drained["uncommitted"]
+    assert len(d.events("file name cannot be stored")) == 1
 
 
 def test_a_second_stop_signal_cuts_a_hopeless_drain_short(watch, moto_bucket, tmp_path):

@@ -6,6 +6,13 @@ TRAINER_SIZE     bytes of model.safetensors per checkpoint
 TRAINER_EXIT     exit code at the end; "kill" dies of SIGKILL instead
 TRAINER_WAIT     "yes": after writing, wait for a signal (TRAINER_READY file says it is waiting)
 TRAINER_ON_TERM  "save": on SIGTERM write checkpoint-final and exit 0; "ignore": ignore SIGTERM
+TRAINER_ON_USR1  "ignore": ignore SIGUSR1 (else it ends the trainer, as it would a real one)
+TRAINER_NOTE     "yes": SIGHUP, SIGUSR1 and SIGUSR2 are noted in the record ("signals", in order), and
+                 the trainer goes on
+TRAINER_FLOOD    "yes": after writing, say it is ready (TRAINER_READY), then write to stdout forever
+                 (a pipe nobody reads fills up and blocks whoever writes to it, ckptd too)
+
+The record also holds the trainer's pid, to check after the test that it is gone.
 """
 
 import hashlib
@@ -18,7 +25,7 @@ from pathlib import Path
 
 env = os.environ
 record_path = Path(env["TRAINER_RECORD"])
-record: dict = {"env": {k: v for k, v in env.items() if k.startswith("BT_")}, "written": {}}
+record: dict = {"env": {k: v for k, v in env.items() if k.startswith("BT_")}, "written": {}, "pid": os.getpid()}
 save_dir = Path(env["BT_CHECKPOINT_DIR"])
 load_dir = Path(env["BT_LOAD_CHECKPOINT_DIR"]) / f"rank-{env['BT_NODE_RANK']}"
 
@@ -76,8 +83,24 @@ if env.get("TRAINER_ON_TERM") == "save":
     signal.signal(signal.SIGTERM, on_term)
 elif env.get("TRAINER_ON_TERM") == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if env.get("TRAINER_ON_USR1") == "ignore":
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def note(signum, frame) -> None:
+    record.setdefault("signals", []).append(signal.Signals(signum).name)
+    save_record()
+
+
+if env.get("TRAINER_NOTE") == "yes":
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, note)
 for step in range(1, int(env.get("TRAINER_STEPS", "0")) + 1):
     save(f"checkpoint-{step}", step)
+if env.get("TRAINER_FLOOD") == "yes":
+    Path(env["TRAINER_READY"]).touch()
+    while True:
+        print("x" * 200, flush=True)
 if env.get("TRAINER_WAIT") == "yes":
     Path(env["TRAINER_READY"]).touch()
     while True:
