@@ -186,7 +186,10 @@ class _Placer:
         except OSError as exc:
             raise RestoreFailed(f"cannot put {unit.folder} in place: {exc}") from exc
         finally:
-            staging.remove()  # synchronous: it must happen even while the task is being cancelled
+            try:
+                staging.remove()  # synchronous: it must happen even while the task is being cancelled
+            except OSError as exc:  # the next restore removes it; the outcome is decided already
+                log.warning("cannot remove a staging folder", folder=staging.path, error=str(exc))
 
 
 def _apply(staging: Staging, steps: Sequence[stage.Move]) -> None:
@@ -201,11 +204,17 @@ async def _put_all(
         rank_fd, rank_path = await asyncio.to_thread(_open_rank_folder, restore_dir, rank)
     except safefs.Refused as exc:
         return _refuse(units, exc, refused)
+    except OSError as exc:
+        raise RestoreFailed(f"cannot open the restore folder {restore_dir}: {exc}") from exc
     try:
-        for name in await asyncio.to_thread(stage.remove_stale, rank_fd, rank_path):
-            log.info("removed the staging folder of an interrupted restore", folder=os.path.join(rank_path, name))
         placer = _Placer(rank_fd, rank_path, loader, markers)
-        work = await placer.inspect(units, refused)
+        try:
+            for name in await asyncio.to_thread(stage.remove_stale, rank_fd, rank_path):
+                log.info("removed the staging folder of an interrupted restore", folder=os.path.join(rank_path, name))
+            work = await placer.inspect(units, refused)
+        except OSError as exc:
+            raise RestoreFailed(f"cannot read the restore folder {rank_path}: {exc}") from exc
+        loader.total = sum(i.size for unit, _ in work for i in unit.items)  # refused ones are not restored
         placer.check_space(work)
         await all_or_cancel(placer.put(unit, seen) for unit, seen in work)
     finally:
@@ -258,7 +267,10 @@ async def restore(
         missing,
         refused,
     )
-    await asyncio.to_thread(_write_summary, restore_dir, rank, {**asdict(report), "finished_at": utc_now()})
+    try:
+        await asyncio.to_thread(_write_summary, restore_dir, rank, {**asdict(report), "finished_at": utc_now()})
+    except OSError as exc:
+        raise RestoreFailed(f"cannot write {SUMMARY} in {restore_dir}: {exc}") from exc
     metrics.RESTORE_DURATION.set(report.seconds)
     log.info(
         "restore finished",

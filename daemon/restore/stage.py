@@ -151,11 +151,16 @@ class Staging:
         self.name = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         self.path = os.path.join(rank_path, self.name)
         os.mkdir(self.name, 0o700, dir_fd=rank_fd)
-        self.fd = safefs.open_dir(rank_fd, self.name, self.path)
-        assert self.fd is not None
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by close, or by the kernel on a kill
-        os.mkdir(TREE, 0o755, dir_fd=self.fd)
-        os.mkdir(MARKERS, 0o700, dir_fd=self.fd)
+        fd = safefs.open_dir(rank_fd, self.name, self.path)
+        assert fd is not None
+        self.fd = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by close, or by the kernel on a kill
+            os.mkdir(TREE, 0o755, dir_fd=fd)
+            os.mkdir(MARKERS, 0o700, dir_fd=fd)
+        except BaseException:
+            self.remove()
+            raise
         markers = [i.relpath for i in unit.items if is_marker(i.relpath, patterns)]
         self.slots = {m: str(n) for n, m in enumerate(markers)}
 
@@ -164,24 +169,21 @@ class Staging:
         return list(self.slots)
 
     @contextlib.contextmanager
-    def slot(self, relpath: str, *, create: bool = True) -> Iterator[tuple[int, str]]:
-        """(folder descriptor, name) where the staged copy of `relpath` lives."""
-        if relpath in self.slots:
-            parts, name = [MARKERS], self.slots[relpath]
-        else:
-            dirs, name = _split(relpath)
-            parts = [TREE, *dirs]
-        with safefs.folder(self.fd, parts, self.path, create=create) as d:
-            if d is None:
-                raise safefs.Refused(os.path.join(self.path, *parts), "vanished during the restore")
-            yield d, name
-
-    @contextlib.contextmanager
-    def _tree(self, relpath: str) -> Iterator[tuple[int, str]]:
-        dirs, name = _split(relpath)
-        with safefs.folder(self.fd, [TREE, *dirs], self.path, create=True) as d:
+    def _at(self, parts: list[str], name: str) -> Iterator[tuple[int, str]]:
+        with safefs.folder(self.fd, parts, self.path, create=True) as d:
             assert d is not None
             yield d, name
+
+    def slot(self, relpath: str) -> contextlib.AbstractContextManager[tuple[int, str]]:
+        """(folder descriptor, name) where the staged copy of `relpath` lives: markers under a
+        number until they are sealed or returned, the other files at their own path in the tree."""
+        if relpath in self.slots:
+            return self._at([MARKERS], self.slots[relpath])
+        return self._tree(relpath)
+
+    def _tree(self, relpath: str) -> contextlib.AbstractContextManager[tuple[int, str]]:
+        dirs, name = _split(relpath)
+        return self._at([TREE, *dirs], name)
 
     def apply(self, move: Move) -> None:
         """One step of `moves`, made durable before the next one."""
@@ -206,6 +208,8 @@ class Staging:
                 if safefs.kind(d, name) == safefs.FILE:
                     os.unlink(name, dir_fd=d)
             elif what == "aside":
+                if (found := safefs.kind(d, name)) != safefs.FILE:  # replaced since it was inspected
+                    raise safefs.Refused(shown, f"is {found}, not a file")
                 with self.slot(relpath) as (s, sname):
                     safefs.rename(d, name, s, sname)
             else:  # move, return

@@ -143,3 +143,10 @@ async def test_link_planted_at_a_temporary_download_name_is_never_followed(sourc
     assert (folder / ".model.safetensors.ckptd-part").is_symlink()
     assert untouched(victim)
     assert sorted(p.name for p in rank.iterdir()) == ["checkpoint-20"]  # stale staging names reclaimed
+
+
+async def test_restore_folder_that_is_a_file_fails_cleanly(source, tmp_path):
+    out = _file(tmp_path / "out")
+    with pytest.raises(RestoreFailed, match=f"cannot open the restore folder {out}"):
+        await run(source, [ref(required=True)], out)
+    assert out.read_bytes() == b"in the way"
