@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from datetime import UTC, datetime, timedelta
 
@@ -288,3 +289,10 @@ async def test_latest_of_a_project_survives_a_job_id_that_only_looks_generated(t
         await manifest_only(store, "proj", "job-ok", 0, "checkpoint-5", T0)
         found = await resolve(store, latest(project="proj"), default_project="proj", rank=0)
     assert found is not None and (found.job_id, found.checkpoint) == ("job-ok", "checkpoint-5")
+
+
+def test_plan_one_folder_named_twice_is_required_if_either_reference_is(tmp_path):
+    optional = resolved("a", "c", "c/x")
+    required = dataclasses.replace(optional, ref=CheckpointRef(NAMED, job_id="a", checkpoint_name="c", required=True))
+    (unit,), restored = plan([optional, required], str(tmp_path), 0)
+    assert unit.required and unit.refs == [optional.ref.describe(), required.ref.describe()] and len(restored) == 2
