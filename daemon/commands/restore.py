@@ -25,7 +25,13 @@ log = structlog.get_logger()
 async def restore_phase(c: Config, storage: Storage, report_to: list | None = None) -> int | None:
     """Restore what the config asks for; None when training may start, else the exit code."""
     # get_last_checkpoint(f"{BT_LOAD_CHECKPOINT_DIR}/rank-{N}") lists the folder: it must exist.
-    os.makedirs(os.path.join(c.restore_dir, f"rank-{c.node_rank}"), exist_ok=True)
+    rank_dir = os.path.join(c.restore_dir, f"rank-{c.node_rank}")
+    try:
+        if not os.path.lexists(rank_dir):  # noqa: ASYNC240 - one stat at start; a link there is refused by restore()
+            os.makedirs(rank_dir, exist_ok=True)
+    except OSError as e:
+        log.error("restore folder not usable: training not started", path=rank_dir, error=str(e))
+        return exits.RESTORE
     if not c.checkpoints:
         return None
     if not c.restore_enabled:
@@ -38,6 +44,7 @@ async def restore_phase(c: Config, storage: Storage, report_to: list | None = No
             restore_dir=c.restore_dir,
             rank=c.node_rank,
             default_project=c.project,
+            markers=c.markers,
             progress=Bar("restoring"),
         )
     except RestoreConflict as e:

@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from conftest import fresh_bucket
 
 from daemon.storage import DIGEST_MISMATCH, FileRange, Storage, StorageError
 from daemon.storage.bodies import digests_sync
@@ -196,9 +195,9 @@ async def verifying_store(request: pytest.FixtureRequest, tmp_path, aws_env) -> 
         async with LocalStorage(tmp_path / "store") as local:
             yield local
         return
-    with fresh_bucket(request.getfixturevalue("juicefs_server"), aws_env) as bucket:
-        async with bucket.storage(checksum=request.param.split("-")[1]) as s3:
-            yield s3
+    bucket = request.getfixturevalue("juicefs_bucket")
+    async with bucket.storage(checksum=request.param.split("-")[1]) as s3:
+        yield s3
 
 
 async def test_a_body_that_differs_from_its_digests_is_refused_and_the_old_object_kept(
