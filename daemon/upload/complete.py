@@ -1,4 +1,5 @@
-"""Is this file complete? A pure rule, and the identity it compares.
+"""Is this file complete? A pure rule, and the identity it compares; and when to look again at a
+file whose last look failed.
 
 A file is complete when its writer is done with it: closed after writing or renamed into place,
 not open for writing by anyone we can see, and unchanged (size, mtime, inode) for a settle time.
@@ -7,6 +8,7 @@ not open for writing by anyone we can see, and unchanged (size, mtime, inode) fo
 from __future__ import annotations
 
 import enum
+import errno
 import fnmatch
 import os
 import stat
@@ -29,12 +31,34 @@ class Identity:
 
     @classmethod
     def stat(cls, path: str) -> Identity | None:
-        """The identity of a regular file, or None if it is gone or not a regular file."""
+        """The identity of a regular file, or None if it is gone, not a regular file, or cannot be
+        looked at (EACCES, ELOOP, EIO): a quick comparison only, which must not fail a whole scan
+        for one file. Whoever acts on the file finds out why (scan.probe raises)."""
         try:
             st = os.stat(path, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return None
         return cls.of(st) if stat.S_ISREG(st.st_mode) else None
+
+
+RETRY = (0.5, 30.0)  # seconds: first look again at a file whose look failed, and the most between two
+
+
+class FileError(Exception):
+    """An error of one file, with the step that hit it (`op`) and its errno name (`reason`)."""
+
+    def __init__(self, op: str, relpath: str, error: Exception) -> None:
+        self.op, self.relpath, self.error = op, relpath, error
+        code = getattr(error, "errno", None)
+        self.reason = errno.errorcode.get(code, type(error).__name__) if code else type(error).__name__
+        detail = getattr(error, "strerror", None) or str(error)
+        super().__init__(f"{op}: {self.reason} ({detail})")
+
+
+def retry_delay(failed: int) -> float:
+    """Seconds until the next look at a file whose last `failed` looks failed (1, 2, ...): doubling
+    from RETRY[0], at most RETRY[1]."""
+    return min(RETRY[0] * 2 ** min(failed - 1, 16), RETRY[1])
 
 
 class Verdict(enum.Enum):

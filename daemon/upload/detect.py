@@ -5,6 +5,11 @@ start, periodically and at drain, so a hint lost here costs latency, not data. H
 `on_path(abs_path, closed)`, always called on the event loop's thread; `closed` means the file was
 closed after writing or renamed into place, not merely seen. If the inotify limits are too low for
 the tree, the detector falls back to polling rather than watch part of it (FIELD-NOTES §1).
+
+No mode follows a link: polling lstats (watchdog's own poller stats, and walks into a linked
+folder, FIELD-NOTES §7), and links, FIFOs and the like are hinted like files, so that the settler
+says once that they are skipped. stop() is bounded: a thread stuck in a system call is reported
+and left behind, never waited for.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import asyncio
 import contextlib
 import errno
 import os
+import stat
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import structlog
 from watchdog.events import (
@@ -27,13 +33,14 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
 from daemon.upload.complete import files_open_for_write
-from daemon.upload.inotify import LIMIT_ERRNOS, LimitAwareObserver
-from daemon.upload.scan import SkipDir, needs_polling, scan, walk
+from daemon.upload.inotify import LIMIT_ERRNOS, LimitAwareObserver, halt, no_follow_poller
+from daemon.upload.scan import SkipDir, needs_polling, walk
 
 log = structlog.get_logger()
+
+STOP_WAIT = 5.0  # seconds stop() waits for the watcher threads before leaving them behind
 
 # watchdog re-adds the watch of a folder made with its parent (makedirs a/b) and warns; harmless.
 warnings.filterwarnings("ignore", "Callback with id .* already exists", RuntimeWarning, __name__)
@@ -82,6 +89,8 @@ class Detector:
         self._started = self._stopped = False
         self._limit_hit: str | None = None
         self._fallback: threading.Thread | None = None
+        self._stopper: threading.Thread | None = None
+        self._observers: list[BaseObserver] = []  # every one started, for naming stuck threads
 
     @property
     def mode(self) -> str:
@@ -114,24 +123,46 @@ class Detector:
                 self._started = True
                 hit = self._limit_hit
             if mode == "poll" or hit:
-                self._halt(self._observer)
+                halt(self._observer)
                 self._reason = self._reason or hit
                 self._observer = self._start_observer(poll=True)
                 mode = "poll"
             self._mode = mode
         log.info("detector started", root=self._root, mode=self._mode, degraded_reason=self._reason)
 
-    def stop(self) -> None:
-        """Stop watching and join the watcher threads; hints still queued on the loop are dropped.
+    def stop(self, timeout: float = STOP_WAIT) -> bool:
+        """Stop watching and join the watcher threads, waiting at most `timeout` seconds: a thread
+        stuck in a system call (a hung network file system) is logged and left behind (they are
+        daemon threads). Hints still queued on the loop are dropped. True if every thread ended.
         Idempotent. Not from an observer thread (it joins them)."""
         with self._state:
             self._stopped = True
-            fallback = self._fallback
+            if self._stopper is None:  # watchdog's stop() takes a lock its dispatch thread may hold
+                self._stopper = threading.Thread(target=self._halt_all, name="ckptd-detector-stop", daemon=True)
+                self._stopper.start()
+            stopper = self._stopper
+        stopper.join(timeout)
+        if not stopper.is_alive():
+            return True
+        log.error("detector threads did not stop; left behind", threads=self._alive(), waited_seconds=timeout)
+        return False
+
+    def _halt_all(self) -> None:
         with self._switch:
-            self._halt(self._observer)
+            halt(self._observer)
             self._observer = None
+        with self._state:
+            fallback = self._fallback
         if fallback is not None:
             fallback.join()
+
+    def _alive(self) -> list[str]:
+        threads: list[threading.Thread] = [t for t in (self._fallback, self._stopper) if t is not None]
+        for observer in self._observers:
+            threads.append(observer)
+            with contextlib.suppress(RuntimeError):  # the stopper may be clearing the set right now
+                threads += list(observer.emitters)
+        return sorted({t.name for t in threads if t.is_alive()})
 
     def _start_inotify(self) -> BaseObserver | None:
         try:
@@ -143,21 +174,15 @@ class Detector:
             return None
 
     def _start_observer(self, *, poll: bool) -> BaseObserver:
-        observer = PollingObserver(timeout=self._poll_interval) if poll else LimitAwareObserver(self._on_limit)
+        observer = no_follow_poller(self._root, self._poll_interval) if poll else LimitAwareObserver(self._on_limit)
+        self._observers.append(observer)
         observer.schedule(_Handler(lambda event: self._emit(self._hints(event, poll=poll))), self._root, recursive=True)
         try:
             observer.start()  # the polling one takes its first snapshot before returning
         except BaseException:
-            self._halt(observer)  # closes the inotify instance too
+            halt(observer)  # closes the inotify instance too
             raise
         return observer
-
-    @staticmethod
-    def _halt(observer: BaseObserver | None) -> None:
-        if observer is not None:
-            observer.stop()
-            with contextlib.suppress(RuntimeError):  # never started
-                observer.join()
 
     def _on_limit(self, e: OSError, path: str) -> None:
         """Any thread, possibly inside watchdog's locks: record, and switch to polling elsewhere."""
@@ -191,17 +216,19 @@ class Detector:
                 log.exception("cannot start polling; staying on a partial inotify watch")
                 return
             self._mode, self._reason = "poll", self._limit_hit
-            self._halt(old)
+            halt(old)
         log.warning("detector switched to polling", root=self._root, reason=self._reason)
         # Events inotify had not delivered yet are gone, and the first snapshot already holds their
         # files, so polling will not report them either: hint the whole tree once.
-        self._emit((p, False) for p in scan(self._root, self._skip_dir))
+        self._emit(self._walk(self._root, closed=False))
 
     def _hints(self, event: FileSystemEvent, *, poll: bool) -> Iterable[tuple[str, bool]]:
         kind = event.event_type
         src = os.fsdecode(event.src_path)
         dest = os.fsdecode(event.dest_path) if kind == EVENT_TYPE_MOVED else ""
         if event.is_directory:
+            if kind in (EVENT_TYPE_CREATED, EVENT_TYPE_MOVED) and os.path.islink(dest or src):
+                return self._file(dest or src, closed=False)  # watchdog calls a linked folder a folder
             if kind == EVENT_TYPE_CREATED:  # watched by now: catch files written before the watch
                 return self._walk_created(src)
             if kind == EVENT_TYPE_MOVED:  # e.g. tmp-checkpoint-N renamed to checkpoint-N
@@ -228,10 +255,20 @@ class Detector:
                 st = os.stat(path, follow_symlinks=False)
             except OSError:
                 continue
-            yield path, writers is not None and (st.st_dev, st.st_ino) not in writers
+            regular = stat.S_ISREG(st.st_mode)
+            yield path, regular and writers is not None and (st.st_dev, st.st_ino) not in writers
 
     def _walk_new(self, folder: str, *, closed: bool) -> Iterable[tuple[str, bool]]:
-        return () if self._ignored(folder) else ((p, closed) for p in walk(self._root, folder, self._skip_dir))
+        return () if self._ignored(folder) else self._walk(folder, closed=closed)
+
+    def _walk(self, top: str, *, closed: bool) -> Iterator[tuple[str, bool]]:
+        """Files under top as hints; links, FIFOs and the like too, never closed (never pinned)."""
+        others: list[str] = []
+        for path in walk(self._root, top, self._skip_dir, others.append):
+            yield path, closed
+            yield from ((o, False) for o in others)
+            others.clear()
+        yield from ((o, False) for o in others)
 
     def _ignored(self, folder: str) -> bool:
         """Whether folder is outside the root, or is or lies in a folder that skip_dir excludes."""

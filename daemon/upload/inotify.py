@@ -1,12 +1,15 @@
-"""watchdog's inotify observer, made to report the limits it hits.
+"""watchdog's observers, made safe for the detector.
 
-watchdog swallows a failed watch for every folder but the root, so a tree bigger than the kernel's
-limits would be watched partially without a word; this one reports each limit hit, so the
-detector can fall back to polling the whole tree (FIELD-NOTES §1).
+The inotify one reports the limits it hits: watchdog swallows a failed watch for every folder but
+the root, so a tree bigger than the kernel's limits would be watched partially without a word;
+this one reports each limit hit, so the detector can fall back to polling the whole tree
+(FIELD-NOTES §1). The polling one lstats: watchdog's own stats, and so walks into a linked folder
+(a link to /etc is read, a loop forty levels deep, FIELD-NOTES §7).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchCallback, WatchDescriptor
+from watchdog.observers.polling import PollingObserverVFS
 
 LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)  # watch limit, instance limit
 
@@ -47,3 +51,21 @@ class LimitAwareObserver(BaseObserver):
         super().on_thread_stop()
         self._fd.stop()
         self._fd.join()
+
+
+def no_follow_poller(root: str, interval: float) -> BaseObserver:
+    """watchdog's poller with lstat: a linked folder is an entry like a file, never entered. Only
+    the root is stat'ed: it is the configured folder, and may itself be a link."""
+
+    def lstat(path: str) -> os.stat_result:
+        return os.stat(path, follow_symlinks=path == root)
+
+    return PollingObserverVFS(lstat, os.scandir, polling_interval=interval)
+
+
+def halt(observer: BaseObserver | None) -> None:
+    """Stop an observer and join it (blocking: the detector calls this from a thread it can leave)."""
+    if observer is not None:
+        observer.stop()
+        with contextlib.suppress(RuntimeError):  # never started
+            observer.join()

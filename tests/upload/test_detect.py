@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import servers
+from structlog.testing import capture_logs
 
 from daemon.upload.detect import Detector
+from daemon.upload.pin import Pin, Staging
 from daemon.upload.scan import needs_polling, scan
+from daemon.upload.settle import Settler
 
 KIND = "integration"
 
@@ -40,7 +43,7 @@ async def wait_until(hints: Hints, cond: Callable[[], bool], timeout: float = DE
     """Poll cond until it holds; past the deadline, fail showing the hints seen so far."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"condition not met before the deadline {what}; hints: {hints}"
+        assert time.monotonic() < deadline, f"condition not met before the deadline {what}; hints: {hints[-30:]}"
         await asyncio.sleep(0.01)
 
 
@@ -324,3 +327,130 @@ def test_watch_limit_for_a_new_folder_switches_to_polling(tmp_path):
 def test_inotify_instance_limit_falls_back_to_polling(tmp_path):
     report = run_with_limits(tmp_path, dirs=1, watches=100, instances=0)
     assert report["start_mode"] == "poll" and "EMFILE" in report["reason"]
+
+
+# --- links and special files (issue 10, defects 1 and 3) ---
+
+
+def outside_with_secret(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    os.makedirs(outside / "deeper")
+    write(outside / "secret.txt", b"secret")
+    write(outside / "deeper" / "more.txt", b"more")
+    return outside
+
+
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+async def test_no_mode_walks_into_a_linked_folder(watch, tmp_path, mode):
+    root = tmp_path / "root"
+    os.makedirs(root / "ckpt-1")
+    outside = outside_with_secret(tmp_path)
+    _, hints = watch(mode=mode, poll_interval=0.05)
+    links = [str(root / "ckpt-1" / "etc"), str(root / "loop"), str(root / "file-link")]
+    os.symlink(outside, links[0])
+    os.symlink(".", links[1])  # a loop: root/loop/loop/... (40 deep for a stat-based walk)
+    os.symlink(outside / "secret.txt", links[2])
+    sentinel = write(root / "ckpt-1" / "after.bin")
+    await wait_until(hints, lambda: hinted(hints, sentinel) and all(hinted(hints, link) for link in links))
+    await asyncio.sleep(0.3)  # a few more polls
+    assert not [p for p, _ in hints if p.startswith(tuple(link + "/" for link in links))]
+    assert all(not closed for p, closed in hints if p in links)  # hinted to be counted, never pinned
+
+
+async def test_a_folder_moved_in_reports_its_links_and_special_files(watch, tmp_path):
+    root = tmp_path / "root"
+    staged = tmp_path / "tmp-checkpoint"
+    os.makedirs(staged)
+    write(staged / "model.bin")
+    os.symlink("/etc", staged / "etc")
+    os.mkfifo(staged / "pipe")
+    _, hints = watch()
+    os.makedirs(root, exist_ok=True)
+    os.rename(staged, root / "checkpoint-1")
+    moved = root / "checkpoint-1"
+    await wait_until(hints, lambda: all(hinted(hints, str(moved / n)) for n in ("model.bin", "etc", "pipe")))
+    assert not hinted(hints, str(moved / "etc"), True) and not hinted(hints, str(moved / "pipe"), True)
+    assert not [p for p, _ in hints if p.startswith(str(moved / "etc") + "/")]
+
+
+async def test_a_fifo_closed_after_writing_does_not_block_detection_or_stop(tmp_path):
+    # The real pin of the daemon: before the fix it opened the FIFO for reading and blocked forever.
+    root = tmp_path / "root"
+    os.makedirs(root / "staging")
+    settler = Settler(str(root), Staging(str(root / "staging")), 0.05, (), print, print, lambda *a: None)
+    hints: Hints = []
+    pinned: list[str] = []
+
+    def on_path(path: str, closed: bool, early: Pin | None = None) -> None:
+        hints.append((path, closed))
+        if early is not None:
+            pinned.append(early.relpath)
+            early.release()
+
+    detector = Detector(
+        str(root),
+        asyncio.get_running_loop(),
+        on_path,
+        skip_dir=lambda rel: rel == "staging",
+        pin=settler.pin_early,
+    )
+    detector.start()
+    fifo = root / "pipe"
+    os.mkfifo(fifo)
+    try:
+        os.close(os.open(fifo, os.O_RDWR))  # opened for writing and closed: IN_CLOSE_WRITE on the FIFO
+        await wait_until(hints, lambda: hinted(hints, str(fifo), True))
+        after = write(root / "after.bin")
+        await wait_until(hints, lambda: hinted(hints, after, True), what="(detection goes on)")
+    finally:
+        stopped = await asyncio.to_thread(detector.stop, 5.0)
+        if not stopped:  # release the blocked reader before failing
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert stopped
+    assert pinned == ["after.bin"] and os.listdir(root / "staging") == []
+
+
+async def test_stop_is_bounded_when_a_watcher_thread_is_stuck(tmp_path):
+    # A pin stuck in a real blocking system call (a FIFO without a writer stands in for a hung NFS
+    # read): stop() reports the stuck threads and returns instead of joining forever.
+    root = tmp_path / "root"
+    os.makedirs(root)
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
+    entered = threading.Event()
+
+    def stuck_pin(path: str) -> None:
+        entered.set()
+        with open(fifo, "rb"):  # blocks until a writer opens it
+            return None
+
+    detector = Detector(str(root), asyncio.get_running_loop(), lambda *a: None, pin=stuck_pin)
+    detector.start()
+    try:
+        write(root / "model.bin")
+        assert await asyncio.to_thread(entered.wait, DEADLINE)
+        with capture_logs() as logs:
+            started = time.monotonic()
+            stopped = detector.stop(timeout=1.0)
+            took = time.monotonic() - started
+        assert stopped is False and took < 3
+        [said] = [e for e in logs if e["event"] == "detector threads did not stop; left behind"]
+        assert said["threads"] and said["log_level"] == "error"
+        assert detector.stop(timeout=0.1) is False  # idempotent, and still bounded
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the stuck thread go
+    assert await asyncio.to_thread(detector.stop, 5.0) is True
+
+
+def test_scan_reports_links_and_special_files_without_entering_them(tmp_path):
+    outside = outside_with_secret(tmp_path)
+    root = tmp_path / "root"
+    os.makedirs(root / "sub")
+    regular = write(root / "sub" / "model.bin")
+    os.symlink(outside, root / "etc")
+    os.symlink(outside / "secret.txt", root / "sub" / "link")
+    os.symlink(".", root / "loop")
+    os.mkfifo(root / "sub" / "pipe")
+    others: list[str] = []
+    assert list(scan(str(root), others=others.append)) == [regular]
+    assert sorted(others) == sorted(str(root / p) for p in ("etc", "loop", "sub/link", "sub/pipe"))

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import socket
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,8 +22,10 @@ from pathlib import Path
 import pytest
 from engines import until
 from structlog.testing import capture_logs
+from unprivileged import REPO, as_nobody, give, open_folder
 
 from daemon.config.schema import DEFAULT_IGNORE
+from daemon.upload.complete import retry_delay
 from daemon.upload.pin import Pin, Staging
 from daemon.upload.settle import Settler
 
@@ -219,3 +226,199 @@ async def test_release_all_removes_the_staging_links(rig: Rig):
     settler.release_all()
     assert os.listdir(rig.staging) == []
     assert settler.candidates == {} and not settler.busy()
+
+
+# -- links, FIFOs and the like: skipped once, never pinned (issue 10, defects 1 and 3) ---------------
+
+
+def link_outside(rig: Rig) -> str:
+    (rig.root.parent / "outside").mkdir(exist_ok=True)
+    (rig.root.parent / "outside" / "secret").write_bytes(b"secret")
+    os.symlink(rig.root.parent / "outside" / "secret", rig.root / "odd")
+    return "odd"
+
+
+def link_to_folder(rig: Rig) -> str:
+    os.symlink("/etc", rig.root / "etc")
+    return "etc/passwd"  # a path through the link, as a poller that stats would report it
+
+
+def dangling(rig: Rig) -> str:
+    os.symlink("nowhere", rig.root / "odd")
+    return "odd"
+
+
+def fifo(rig: Rig) -> str:
+    os.mkfifo(rig.root / "odd")
+    return "odd"
+
+
+def unix_socket(rig: Rig) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(rig.root / "odd"))
+    return "odd"
+
+
+def char_device(rig: Rig) -> str:
+    os.mknod(rig.root / "odd", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    return "odd"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (link_outside, "symlink"),
+        (link_to_folder, "symlink"),
+        (dangling, "symlink"),
+        (fifo, "not_regular"),
+        (unix_socket, "not_regular"),
+        (char_device, "not_regular"),
+    ],
+    ids=["link-to-file-outside", "path-through-folder-link", "dangling-link", "fifo", "socket", "char-device"],
+)
+async def test_links_and_special_files_are_skipped_once_and_never_pinned(rig: Rig, make, reason):
+    relpath = make(rig)
+    with capture_logs() as logs:
+        async with running(rig.settler):
+            for closed in (True, False, True):  # an event, a scan, another event
+                rig.settler.notice(str(rig.root / relpath), closed=closed)
+                rig.settler.notice(
+                    str(rig.root / relpath), closed=closed, early=rig.settler.pin_early(str(rig.root / relpath))
+                )
+            await asyncio.sleep(SETTLE * 2)
+    assert rig.seen.skipped == [(relpath, reason)]
+    assert len([e for e in logs if e.get("path") == relpath]) == 1  # said once
+    assert rig.seen.noticed == [] and rig.seen.complete == []
+    assert rig.settler.candidates == {} and os.listdir(rig.staging) == []
+
+
+async def test_a_file_replaced_by_a_link_before_it_is_pinned_is_not_followed(rig: Rig):
+    path = rig.write("checkpoint-1/model.bin", b"weights")
+    async with running(rig.settler):
+        rig.settler.notice(path, closed=False)  # a scan found it: not pinned yet
+        os.unlink(path)
+        os.symlink("/etc/hostname", path)
+        await until(lambda: rig.seen.skipped, 5, "the candidate to be dropped")
+        await asyncio.sleep(SETTLE)
+    assert sorted(rig.seen.skipped) == [("checkpoint-1/model.bin", "symlink"), ("checkpoint-1/model.bin", "vanished")]
+    assert rig.seen.complete == [] and os.listdir(rig.staging) == []
+
+
+# -- one file's error stays that file's (issue 10, defect 4) ------------------------------------------
+
+
+async def test_an_unexpected_error_on_one_file_does_not_end_settling(rig: Rig):
+    def complete(pin: Pin) -> None:
+        if pin.relpath == "bad.bin":
+            raise RuntimeError("a bug downstream")
+        rig.seen.complete.append((pin, time.monotonic()))
+
+    rig.settler.on_complete = complete
+    rig.settler.notice(rig.write("bad.bin", b"b"), closed=True)
+    task = asyncio.create_task(rig.settler.run())
+    try:
+        with capture_logs() as logs:
+            await until(lambda: any(e["event"] == "settle check failed" for e in logs), 5, "the error to be logged")
+            rig.settler.notice(rig.write("good.bin", b"g"), closed=True)
+            await until(lambda: rig.seen.complete, 5, "the next file to complete")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert rig.seen.completed() == ["good.bin"]
+
+
+# The settler as an unprivileged user, in its own process: root reads every file.
+AS_NOBODY = r"""
+import asyncio, json, os, sys, time
+from daemon import metrics
+from daemon.upload.pin import Staging
+from daemon.upload.settle import Settler
+
+root, staging = sys.argv[1], sys.argv[2]
+done, skipped = [], []
+
+
+def count(reason):
+    return metrics.REGISTRY.get_sample_value("ckptd_upload_failures_total", {"reason": reason}) or 0
+
+
+async def until(cond, what):
+    deadline = time.monotonic() + 20
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def state(settler, task, c):
+    return {
+        "complete": sorted(p.relpath for p in done),
+        "failures": settler.failures(),
+        "settling": settler.settling(),
+        "busy": settler.busy(),
+        "eacces": count("EACCES"),
+        "looks": c.failed if c else None,
+        "running": not task.done(),
+    }
+
+
+async def main():
+    settler = Settler(root, Staging(staging), 0.05, (), lambda r: None, done.append, lambda r, w: skipped.append(r))
+    task = asyncio.create_task(settler.run())
+    for rel, closed in (("ok.bin", True), ("locked.bin", True), ("sealed/inner.bin", False), ("later.bin", False)):
+        settler.notice(os.path.join(root, rel), closed)
+    await until(lambda: "ok.bin" in [p.relpath for p in done], "ok.bin to complete")
+    c = settler.candidates.get("locked.bin")
+    await until(lambda: c.failed >= 3 and "sealed/inner.bin" in settler.failures(), "retries")
+    print("RESULT", json.dumps(state(settler, task, c)), flush=True)
+    os.chmod(os.path.join(root, "locked.bin"), 0o644)  # readable again, as an owner may fix it
+    os.chmod(os.path.join(root, "sealed"), 0o755)
+    await until(lambda: len(done) == 4, "every file to complete")
+    print("RESULT", json.dumps(state(settler, task, None)), flush=True)
+    task.cancel()
+
+
+asyncio.run(main())
+"""
+
+
+def test_an_unreadable_file_fails_alone_is_retried_and_reported(tmp_path: Path):
+    with open_folder("ckptd-settle-") as base:
+        root, staging = base / "ckpt", base / "staging"
+        root.mkdir()
+        staging.mkdir()
+        for name, mode in (("ok.bin", 0o644), ("locked.bin", 0o000), ("later.bin", 0o644)):
+            (root / name).write_bytes(name.encode())
+            (root / name).chmod(mode)
+        (root / "sealed").mkdir()
+        (root / "sealed" / "inner.bin").write_bytes(b"inner")
+        (root / "sealed").chmod(0o000)  # its file cannot even be looked at
+        give(root, staging, root / "ok.bin", root / "locked.bin", root / "later.bin", root / "sealed")
+        out = subprocess.run(
+            as_nobody([sys.executable, "-c", AS_NOBODY, str(root), str(staging)]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd="/",
+            check=False,
+        )
+    assert out.returncode == 0, out.stdout + out.stderr
+    failing, fixed = (json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    said = [line for line in out.stdout.splitlines() if "cannot read file" in line]
+    assert len(said) == 2 and all("errno=EACCES" in line for line in said)  # once per file, not per retry
+    assert failing["failures"] == {
+        "locked.bin": "pin: EACCES (Permission denied)",
+        "sealed/inner.bin": "stat: EACCES (Permission denied)",
+    }
+    assert failing["complete"] == ["later.bin", "ok.bin"]  # the others went on
+    assert failing["settling"] == ["locked.bin", "sealed/inner.bin"]  # a drain reports them not stored
+    assert failing["eacces"] == 2  # once per file, not per retry
+    assert failing["looks"] >= 3 and failing["busy"] is False and failing["running"] is True
+    assert fixed["complete"] == ["later.bin", "locked.bin", "ok.bin", "sealed/inner.bin"]
+    assert fixed["failures"] == {} and fixed["settling"] == [] and fixed["running"] is True
+
+
+def test_retry_delays_double_up_to_the_cap():
+    assert [retry_delay(n) for n in (1, 2, 3, 4, 7, 8, 100)] == [0.5, 1.0, 2.0, 4.0, 30.0, 30.0, 30.0]
