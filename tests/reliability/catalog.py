@@ -36,8 +36,11 @@ def _s(name, run, store, trials, budget=(90, 150), expect_exit=0, defect="") -> 
 
 SCENARIOS = [
     _s("sigkill-daemon", scenarios.sigkill_daemon, "moto", (3, 100)),
+    _s("kill-mid-checkpoint", scenarios.kill_mid_checkpoint, "moto", (1, 3)),
+    _s("rotate-at-restart", scenarios.rotate_at_restart, "file", (1, 3)),
     _s("sigkill-trainer", scenarios.sigkill_trainer, "file", (1, 8), expect_exit=None),
     *[_s(f"fault-{k}", scenarios.store_fault(k), "moto", (1, 3), (90, 400)) for k in KINDS],
+    _s("lost-create-answer", scenarios.create_reset, "moto", (1, 2)),
     _s("outage", scenarios.long_outage, "moto", (1, 1), (90, 300)),
     _s("disk-full", scenarios.disk_full, "file", (1, 3), defect="4"),
     _s("hf-rotation", scenarios.rotation, "file", (1, 4)),
@@ -52,8 +55,8 @@ SCENARIOS = [
     _s("defect4-unreadable", defects.unreadable, "file", (1, 2), expect_exit=None, defect="4"),
     _s("defect5-rewrite-committed", defects.rewrite_committed, "moto", (1, 5), defect="5"),
     _s("defect6-sigterm-markerless", defects.sigterm_markerless, "file", (1, 3), expect_exit=None, defect="6"),
-    _s("defect7-non-utf8-name", defects.unstorable_name("bad-\udcff.bin"), "file", (1, 2), None, defect="7"),
-    _s("defect7-newline-name", defects.unstorable_name("new\nline.bin"), "moto", (1, 2), None, defect="7"),
+    _s("defect7-non-utf8-name", defects.unstorable_name("bad-\udcff.bin"), "file", (1, 2), (90, 150), None, "7"),
+    _s("defect7-newline-name", defects.unstorable_name("new\nline.bin"), "moto", (1, 2), (90, 150), None, "7"),
     _s("defect8-garbage-journal", defects.garbage_journal, "file", (2, 8), defect="8"),
     _s("defect9-trainer-children", defects.trainer_children, "file", (1, 2), expect_exit=None, defect="9"),
 ]

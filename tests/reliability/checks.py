@@ -6,7 +6,9 @@
 2. manifests: every committed manifest matches its objects (size and SHA-256), names only versions
    the writer completed, lists every file of its checkpoint, and only complete checkpoints commit;
 3. nothing extra: nothing incomplete, ignored, planted (FIFO, link, outside file) or unstorable is
-   stored, and no object anywhere holds the secret planted outside the folder;
+   stored, and no object anywhere holds the secret planted outside the folder (a write cut short by
+   a kill or ENOSPC leaves a closed file no uploader can tell from a finished one: it may be stored,
+   but never committed);
 4. no incomplete multipart upload is left after a clean drain (exit 0);
 5. restore (see restorecheck.py) hands the trainer exactly the manifest's bytes.
 """
@@ -142,7 +144,10 @@ def _extra(
         elif path in h.planted or path in h.unstorable:
             why = f"planted or unstorable ({h.planted.get(path) or h.unstorable.get(path)})"
         elif blob.sha256 not in h.versions.get(path, ()):
-            torn = trial.torn_ok and path in h.begun and listed.get(path) != blob.sha256
+            # A write cut short (writer killed, or ENOSPC) leaves a closed file the daemon cannot tell
+            # from a finished one: it may be stored, but no committed manifest may name it.
+            cut = (trial.torn_ok and path in h.begun) or path in h.failed
+            torn = cut and listed.get(path) != blob.sha256
             if not torn:
                 why = "never completed by the writer" if path not in h.versions else "a torn mix of versions"
         if why:

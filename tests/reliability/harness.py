@@ -183,6 +183,7 @@ class Trial:
         return self._daemon(args, prefix, env, ready=False)
 
     def _daemon(self, args: list[str], prefix: tuple[str, ...], env: dict | None, ready: bool) -> Proc:
+        (self.dir / "exit").unlink(missing_ok=True)  # the last one's drain request, not this one's
         argv = [*prefix, sys.executable, "-m", "daemon", *args]
         proc = Proc(argv, {**self.base_env(), **(env or {})}, self.dir / f"ckptd-{len(self.daemons)}.log")
         self.daemons.append(proc)
@@ -200,8 +201,16 @@ class Trial:
         self.others.append(proc)
         return proc
 
-    def wait_writer(self, proc: Proc, timeout: float = 120) -> None:
-        self.until(lambda: not proc.alive(), timeout, "the writer to finish")
+    def running(self) -> bool:
+        """True while the current ckptd runs: one that exits on its own fails the wait at once."""
+        d = self.daemons[-1]
+        if not d.alive():
+            raise AssertionError(f"ckptd exited {d.proc.returncode} unexpectedly:\n{d.tail()}")
+        return True
+
+    def wait_writer(self, proc: Proc, timeout: float = 120, watched: bool = True) -> None:
+        """Wait for the writer; while `watched`, a ckptd that exits on its own fails the wait."""
+        self.until(lambda: (not watched or self.running()) and not proc.alive(), timeout, "the writer to finish")
         if proc.proc.returncode != 0:
             raise AssertionError(f"writer exited {proc.proc.returncode}:\n{proc.tail()}")
 

@@ -7,7 +7,9 @@ printed with every failure: `--scenario NAME --seed S --only-trial I` replays it
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -111,17 +113,21 @@ def run_trial(
     except TrialTimeout as e:
         t.violations.append(f"hang: {e}; every process of the trial was killed")
     except Exception as e:
-        where = "".join(traceback.format_exception(e, limit=-2)[-3:]).strip()
+        where = "".join(traceback.format_list(traceback.extract_tb(e.__traceback__)[-2:])).rstrip()
         t.violations.append(f"error: {type(e).__name__}: {e}\n{where}")
     finally:
         t.finish()
         _account(t, store, counts, tally)
+        if t.violations and isinstance(store, S3Store):
+            _save_proxy_log(store, workdir / "proxy.jsonl")
         store.close()
     if not t.violations:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
         return None
-    counts["failed_trials"] += 1
+    (workdir / "violations.txt").write_text("\n".join(t.violations) + "\n")
+    facts = {"blind": t.blind, "exit_codes": t.exit_codes, "faults": t.faults, "notes": t.notes, "seed": seed}
+    (workdir / "trial.json").write_text(json.dumps(facts, default=str, indent=1))
     tally.counts["failed_trials"] += 1
     return Failure(index, seed, list(t.violations), str(workdir))
 
@@ -137,6 +143,13 @@ def _account(t: Trial, store, counts: Counter[str], tally: Tally) -> None:
     tally.figures.update(t.figures)
     for line in t.violations:
         tally.counts["violations_" + line.split(":", 1)[0]] += 1
+
+
+def _save_proxy_log(store: S3Store, path: Path) -> None:
+    """What went through the proxy, for the post-mortem of a failed trial."""
+    with open(path, "w") as f:
+        for r in store.proxy.requests():
+            f.write(json.dumps({**dataclasses.asdict(r), "query": {k: v[:12] for k, v in r.query.items()}}) + "\n")
 
 
 class Servers:

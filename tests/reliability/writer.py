@@ -99,6 +99,7 @@ class Writer:
 
     def write_bytes(self, rel: str, data: bytes) -> bool:
         path = self.folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.rec.emit("begin", path=rel)
         try:
             path.write_bytes(data)
@@ -174,7 +175,10 @@ def rewrite(w: Writer) -> None:
 
 def many(w: Writer) -> None:
     for i in range(w.plan.get("files", 6000)):
-        w.write_bytes(f"bulk/d{i % 50}/f{i}.bin", i.to_bytes(4, "little"))
+        rel = f"bulk/d{i % 50}/f{i}.bin"
+        w.write_bytes(rel, i.to_bytes(4, "little"))
+        for _ in range(w.plan.get("reads", 0)):  # IN_OPEN + IN_CLOSE_NOWRITE each
+            (w.folder / rel).read_bytes()
     w.rec.emit("complete", checkpoint="bulk")
 
 
