@@ -11,8 +11,11 @@ import json
 import os
 import platform
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
+from typing import NoReturn
 
 from daemon import __version__, exits, logs
 from daemon.config import SPECS, Config, ConfigError, load
@@ -39,14 +42,22 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
 
 EPILOG = """\
 Settings: command-line flag > environment > config file (--config or $CKPTD_CONFIG, YAML or JSON)
-> default. Credentials come from the standard AWS chain, never from flags.
+> default. Credentials come from the standard AWS chain, never from flags or URLs: every user of
+the machine can read a command line (ps, /proc/PID/cmdline).
 Exit codes: 2 configuration error, 3 required restore failed, 4 uploads did not all complete,
 otherwise the trainer's own exit code (128+N when it died of signal N).
 Run 'ckptd COMMAND --help' for a command's settings."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse quotes the offending argument in its usage errors; that may be a URL with a secret."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(logs.redact(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ckptd",
         description="Checkpoint daemon for training jobs.",
         epilog=EPILOG,
@@ -150,7 +161,13 @@ HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _not_yet(
 HANDLERS.update({name: _command(name) for name in ("run", "watch", "restore")})
 
 
+def _redacting_excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """A traceback quotes values (a URL, a request) as they were; strip credentials before stderr."""
+    sys.stderr.write(logs.redact("".join(traceback.format_exception(kind, error, tb))))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    sys.excepthook = _redacting_excepthook
     args = build_parser().parse_args(argv)
     if args.command == "version":
         return print_version(args.json)
