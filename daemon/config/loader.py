@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
+from daemon.config.quantities import show
 from daemon.config.schema import BY_KEY, SPECS, Config, Spec, default_of
+from daemon.logs import redact
 
 CONFIG_ENV = "CKPTD_CONFIG"
 
@@ -23,7 +27,9 @@ class ConfigError(Exception):
 
     def __init__(self, setting: str, message: str) -> None:
         self.setting = setting
-        super().__init__(f"invalid {setting}: {message}")
+        self.detail = message
+        # One line, and no credential even where a message quotes a value it did not expect.
+        super().__init__(redact(f"invalid {setting}: {message}").replace("\n", " "))
 
 
 def load(
@@ -44,7 +50,7 @@ def load(
         explicit.add(name)
         try:
             values[name] = spec.parse(raw)
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(_label(spec), f"{e} (from {source})") from None
     config = Config(**values)
     _check_together(config, explicit)
@@ -74,26 +80,98 @@ def _label(spec: Spec) -> str:
     return f"{spec.key} ({', '.join(names)})" if names else spec.key
 
 
+FILE_SETTING = f"config ({CONFIG_ENV}, --config)"
+# A config file is a page of settings; a bigger one is the wrong file (a checkpoint, /dev/zero...).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON config file in the reference SDK's shape; return values by dotted key."""
+    raw = _read_bytes(path)
+    if not raw.strip():
+        # Zero bytes is what a failed write or a mount gone wrong leaves; a YAML file of comments
+        # only is a deliberate "no settings" and is accepted.
+        raise ConfigError(FILE_SETTING, f"{path} is empty; give settings in it, or no config file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) if not path.endswith(".json") else json.load(f)
-    except OSError as e:
-        raise ConfigError(f"config ({CONFIG_ENV}, --config)", f"cannot read {path}: {e.strerror}") from None
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config ({CONFIG_ENV}, --config)", f"{path} is not valid YAML/JSON: {first_line}") from None
+        text = raw.decode("utf-8")
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if path.endswith(".json") else _yaml(text)
+    except yaml.MarkedYAMLError as e:
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ConfigError(FILE_SETTING, f"{path} is not valid YAML: {e.problem or e.context}{where}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError covers JSON syntax, non-UTF-8 bytes, duplicate JSON keys and YAML integers of
+        # more digits than Python converts; RecursionError a file nested thousands of levels deep.
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(FILE_SETTING, f"{path} is not valid YAML/JSON: {first_line}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config ({CONFIG_ENV}, --config)", f"{path} must hold a mapping of settings")
+        raise ConfigError(FILE_SETTING, f"{path} must hold a mapping of settings, not a {type(data).__name__}")
     if isinstance(data.get("storage"), str):
         data = {**data, "storage": {"url": data["storage"]}}
-    return dict(_flatten(data, ""))
+    try:
+        return dict(_flatten(data, ""))
+    except ConfigError as e:
+        raise ConfigError(e.setting, f"{e.detail} (from config file {path})") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_CONFIG_BYTES.
+
+    Opened non-blocking, so a FIFO given as the config path is refused instead of waiting for a writer.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(FILE_SETTING, f"cannot read {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError(FILE_SETTING, f"{path} is {kind}; expected a YAML or JSON file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(FILE_SETTING, f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(FILE_SETTING, f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a setting given twice is refused instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: SafeLoader refuses it with its own message
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"{show(key)} is given twice", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"{show(duplicate)} is given twice")
+    return dict(pairs)
 
 
 _SECTIONS = {key.rsplit(".", 1)[0] for key in BY_KEY if "." in key}
+_CREDENTIAL_KEY = re.compile(r"(?i)secret|password|token|credential|access_key|key_id")
+_CREDENTIALS_HINT = ". Credentials are not settings: they come from the AWS credential chain"
 
 
 def _flatten(data: Mapping[str, Any], prefix: str):
@@ -104,10 +182,11 @@ def _flatten(data: Mapping[str, Any], prefix: str):
         elif key in _SECTIONS and isinstance(v, dict):
             yield from _flatten(v, key + ".")
         elif key in _SECTIONS:
-            raise ConfigError(key, f"expected a mapping, got {v!r}")
+            raise ConfigError(key, f"expected a mapping, got {show(v)}")
         else:
             siblings = sorted(b[len(prefix) :].split(".")[0] for b in BY_KEY if b.startswith(prefix))
-            raise ConfigError(key, f"unknown setting; accepted here: {', '.join(dict.fromkeys(siblings))}")
+            hint = _CREDENTIALS_HINT if _CREDENTIAL_KEY.search(key) else ""
+            raise ConfigError(key, f"unknown setting; accepted here: {', '.join(dict.fromkeys(siblings))}{hint}")
 
 
 def _check_together(c: Config, explicit: set[str]) -> None:

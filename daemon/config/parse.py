@@ -6,109 +6,51 @@ name, so messages here describe only the value.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+# The numeric parsers live in quantities; the schema reads every parser from this module.
+from daemon.config.quantities import duration, integer, show, size  # noqa: F401
+from daemon.logs import redact_url
 from daemon.storage.options import StorageURL
 
 Parser = Callable[[Any], Any]
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1 << 40,
-}
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Linux's largest NR_CPUS; a range beyond it would only build a huge tuple ("0-100000000").
+MAX_CPU = 8191
 
 
-def _number_with_unit(value: Any, units: dict[str, float], what: str, example: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"expected {what} such as {example}, got {value!r}")
-    if isinstance(value, int | float):
-        return value
-    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in units:
-        raise ValueError(f"expected {what} such as {example}, got {value!r}")
-    return float(m.group(1)) * units[m.group(2).lower()]
-
-
-def human_size(n: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return f"{n} bytes" if n != 0 else "0"
-
-
-def size(minimum: int = 0, maximum: int | None = None) -> Parser:
-    """Bytes, as an integer or with a unit: 8MiB, 64MB, 1GiB."""
-
-    def parse(value: Any) -> int:
-        n = int(_number_with_unit(value, _SIZE_UNITS, "a size", "64MiB"))
-        if n < minimum or (maximum is not None and n > maximum):
-            upper = f" and <= {human_size(maximum)}" if maximum is not None else ""
-            raise ValueError(f"must be a size >= {human_size(minimum)}{upper}, got {value!r}")
-        return n
-
-    return parse
-
-
-def duration(minimum: float = 0.0) -> Parser:
-    """Seconds, as a number or with a unit: 500ms, 30s, 5m, 1h."""
-
-    def parse(value: Any) -> float:
-        n = float(_number_with_unit(value, _DURATION_UNITS, "a duration", "30s"))
-        if n < minimum:
-            raise ValueError(f"must be a duration >= {minimum:g}s, got {value!r}")
-        return n
-
-    return parse
-
-
-def integer(minimum: int | None = None, maximum: int | None = None) -> Parser:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not re.fullmatch(r"\s*-?\d+\s*", str(value)):
-            raise ValueError(f"expected an integer, got {value!r}")
-        n = int(value)
-        if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
-            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"must be an integer {bounds}, got {value!r}")
-        return n
-
-    return parse
+def _scalar(value: Any, expected: str) -> str:
+    """Text of a flag, variable or YAML scalar; a list or mapping is refused before str() expands it."""
+    if isinstance(value, bool | int | float | str):
+        return str(value)
+    raise ValueError(f"{expected}, got a {type(value).__name__}")
 
 
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = _scalar(value, "expected true or false").strip().lower()
     if text in _TRUE:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false, got {show(value)}")
 
 
 def choice(*allowed: str) -> Parser:
     def parse(value: Any) -> str:
-        if str(value) not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        expected = f"expected one of {', '.join(allowed)}"
+        if _scalar(value, expected) not in allowed:
+            raise ValueError(f"{expected}, got {show(value)}")
         return str(value)
 
     return parse
@@ -117,6 +59,8 @@ def choice(*allowed: str) -> Parser:
 def text(value: Any) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"expected a string, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a string, got {value} (quote it in YAML)")
     return str(value)
 
 
@@ -132,48 +76,65 @@ def optional(parser: Parser) -> Parser:
 
 
 def name(value: Any) -> str:
-    """A project or job id: it becomes one segment of every key, so only key-safe characters."""
-    s = text(value)
-    if not _SAFE_NAME.fullmatch(s):
+    """A project or job id: it becomes one segment of every key, so only key-safe characters.
+
+    Only text: YAML reads `job_id: 0123` as the number 83 and `job_id: .nan` as a float, so a
+    number here is never what was written.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_of(value)} {show(value)}: quote it in YAML")
+    if not _SAFE_NAME.fullmatch(value):
         raise ValueError(
-            f"{s!r} is not a safe name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"{show(value)} is not a safe name: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
-    return s
+    return value
+
+
+def _type_of(value: Any) -> str:
+    return {bool: "the boolean", int: "the number", float: "the number"}.get(type(value), "a " + type(value).__name__)
 
 
 def absolute_path(value: Any) -> str:
     s = text(value)
     if not s.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {s!r}")
+        raise ValueError(f"must be an absolute path, got {show(s)}")
+    if _CONTROL.search(s):
+        # Often a trailing newline from a mounted file; a NUL would fail every system call later.
+        raise ValueError(f"control characters (newline, tab, NUL...) are not accepted in a path, got {show(s)}")
     return str(PurePosixPath(s))
 
 
 def storage_url(value: Any) -> str:
-    try:
-        return str(StorageURL.parse(text(value)))
-    except ValueError as e:
-        # The URL itself may hold credentials someone pasted into it: never echo it back.
-        if "@" in str(value):
-            raise ValueError("credentials do not belong in the storage URL; use the AWS credential chain") from None
-        raise e
+    # StorageURL's messages never echo userinfo or query values (presigned URLs, access keys).
+    return str(StorageURL.parse(text(value)))
 
 
 def http_url(value: Any) -> str:
     s = text(value)
-    parts = urlsplit(s)
+    shown = redact_url(s)
+    if _CONTROL.search(s):
+        raise ValueError(f"control characters are not accepted in a URL, got {shown!r}")
+    try:
+        parts = urlsplit(s)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError:
+        raise ValueError(f"expected http(s)://HOST[:PORT], got {shown!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected http(s)://HOST[:PORT], got {s!r}")
+        raise ValueError(f"expected http(s)://HOST[:PORT], got {shown!r}")
     if parts.username or parts.password:
         raise ValueError("credentials do not belong in the endpoint URL; use the AWS credential chain")
+    if parts.query or parts.fragment:
+        raise ValueError(f"queries and fragments do not belong in the endpoint URL, got {shown!r}")
     return s.rstrip("/")
 
 
 def listen_address(value: Any) -> tuple[str, int]:
     """HOST:PORT or [IPv6]:PORT; port 0 picks a free port."""
     s = text(value)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", s)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]*):(\d{1,5})", s)
     if not m:
-        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9477, got {s!r}")
+        raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9477, got {show(s)}")
     host = m.group(1) or m.group(3) or "0.0.0.0"
     port = int(m.group(2) or m.group(4))
     if port > 65535:
@@ -187,7 +148,7 @@ def string_list(value: Any) -> tuple[str, ...]:
         return tuple(item.strip() for item in value.split(",") if item.strip())
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise ValueError(f"expected a list of strings, got {value!r}")
+    raise ValueError(f"expected a list of strings, got {show(value)}")
 
 
 def command_list(value: Any) -> tuple[str, ...]:
@@ -201,11 +162,15 @@ def cpu_list(value: Any) -> tuple[int, ...] | None:
     """CPU affinity: '0-3,6' or a list of integers; empty means no pinning."""
     if value is None or value == "" or value == []:
         return None
-    items = value if isinstance(value, list) else str(value).split(",")
-    cpus: list[int] = []
+    expected = f"expected CPU numbers (0-{MAX_CPU}) and ranges such as 0-3,6, got {show(value)}"
+    items = value if isinstance(value, list) else _scalar(value, expected).split(",")
+    cpus: set[int] = set()
     for item in items:
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(item))
-        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-            raise ValueError(f"expected CPU numbers and ranges such as 0-3,6, got {value!r}")
-        cpus.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return tuple(sorted(set(cpus)))
+        m = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", _scalar(item, expected))
+        if isinstance(item, bool) or not m:
+            raise ValueError(expected)
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+        if high < low or high > MAX_CPU:
+            raise ValueError(expected)
+        cpus.update(range(low, high + 1))
+    return tuple(sorted(cpus))

@@ -35,13 +35,13 @@ class CheckpointRef:
 def parse_ref(value: Any, index: int) -> CheckpointRef:
     where = f"checkpoints[{index}]"
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a mapping with 'typ', got {value!r}")
-    unknown = sorted(set(value) - _FIELDS)
+        raise ValueError(f"{where}: expected a mapping with 'typ', got {parse.show(value)}")
+    unknown = sorted(str(k) for k in value if k not in _FIELDS)
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(_FIELDS))}")
+        raise ValueError(f"{where}: unknown key {parse.show(unknown[0])}; accepted: {', '.join(sorted(_FIELDS))}")
     typ = value.get("typ")
     if typ not in (LATEST, NAMED):
-        raise ValueError(f"{where}.typ: expected {LATEST} or {NAMED}, got {typ!r}")
+        raise ValueError(f"{where}.typ: expected {LATEST} or {NAMED}, got {parse.show(typ)}")
     try:
         fields = {k: parse.name(value[k]) for k in ("project_name", "job_id") if value.get(k) is not None}
         if value.get("checkpoint_name") is not None:
@@ -63,13 +63,15 @@ def parse_refs(value: Any) -> tuple[CheckpointRef, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of checkpoint references, got {value!r}")
+        raise ValueError(f"expected a list of checkpoint references, got {parse.show(value)}")
     return tuple(parse_ref(item, i) for i, item in enumerate(value))
 
 
 def _checkpoint_name(value: Any) -> str:
     """A top-level folder of the checkpoint folder: one path segment, nothing that escapes."""
     s = parse.text(value)
-    if not s or "/" in s or s in (".", "..") or "\0" in s:
-        raise ValueError(f"checkpoint_name must be one folder name such as checkpoint-20, got {s!r}")
+    # Control characters: S3 and some stores refuse a newline in a key (moto: 404), and a NUL no
+    # path may hold; a name that cannot be restored is better refused before anything starts.
+    if not s or "/" in s or s in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise ValueError(f"checkpoint_name must be one folder name such as checkpoint-20, got {parse.show(s)}")
     return s

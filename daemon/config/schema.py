@@ -20,6 +20,10 @@ from daemon.storage.options import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SI
 COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE = "common", "storage", "upload", "restore", "run", "serve"
 
 MiB = 1 << 20
+# S3 limits: a single PUT and a part both hold at most 5 GiB.
+MAX_PUT = 5 << 30
+# Kubernetes' limit on an indexed Job's completions; no training job has more nodes.
+MAX_NODES = 100_000
 # Temporary names: suffixes, editors' files, HF's tmp-checkpoint-N folder, ckptd's own state, and
 # Rust's tempfile crate (".tmp" + 6 characters: safetensors and tokenizers write then rename).
 DEFAULT_IGNORE = (
@@ -64,10 +68,10 @@ class Config:
                            "--project", ("CKPTD_PROJECT", "BT_TRAINING_PROJECT_NAME"))
     job_id: str = setting("job_id", _new_job_id, "Job id; generated (time-sortable) when unset, required when "
                           "group size > 1.", parse.name, COMMON, "--job-id", ("CKPTD_JOB_ID", "BT_TRAINING_JOB_ID"))
-    node_rank: int = setting("node_rank", 0, "This node's rank; files go under rank-N/.", parse.integer(0), COMMON,
-                             "--node-rank", ("CKPTD_NODE_RANK", "BT_NODE_RANK", "NODE_RANK", "GROUP_RANK",
-                                             "JOB_COMPLETION_INDEX"))
-    group_size: int = setting("group_size", 1, "Number of nodes in the job.", parse.integer(1), COMMON,
+    node_rank: int = setting("node_rank", 0, "This node's rank; files go under rank-N/.",
+                             parse.integer(0, MAX_NODES - 1), COMMON, "--node-rank",
+                             ("CKPTD_NODE_RANK", "BT_NODE_RANK", "NODE_RANK", "GROUP_RANK", "JOB_COMPLETION_INDEX"))
+    group_size: int = setting("group_size", 1, "Number of nodes in the job.", parse.integer(1, MAX_NODES), COMMON,
                               "--group-size", ("CKPTD_GROUP_SIZE", "BT_GROUP_SIZE"))
     log_level: str = setting("log_level", "info", "Log level.", parse.choice("debug", "info", "warning", "error"),
                              COMMON, "--log-level", ("CKPTD_LOG_LEVEL",))
@@ -110,10 +114,10 @@ class Config:
                                   "Checkpoint folder the trainer writes and ckptd watches.", parse.absolute_path,
                                   UPLOAD, "--checkpoint-dir", ("BT_CHECKPOINT_DIR",))
     part_size: int | None = setting("upload.part_size", None, "Multipart part size; unset adapts to the file size.",
-                                    parse.optional(parse.size(5 * MiB, 5 << 30)), UPLOAD, "--part-size",
+                                    parse.optional(parse.size(5 * MiB, MAX_PUT)), UPLOAD, "--part-size",
                                     ("CKPTD_PART_SIZE",))
     multipart_threshold: int = setting("upload.multipart_threshold", 16 * MiB, "Files at least this big are "
-                                       "uploaded in parallel parts.", parse.size(5 * MiB), UPLOAD,
+                                       "uploaded in parallel parts.", parse.size(5 * MiB, MAX_PUT), UPLOAD,
                                        "--multipart-threshold", ("CKPTD_MULTIPART_THRESHOLD",))
     upload_concurrency: int = setting("upload.concurrency", 8, "Files uploaded at once.", parse.integer(1, 256),
                                       UPLOAD, "--upload-concurrency", ("CKPTD_UPLOAD_CONCURRENCY",))
