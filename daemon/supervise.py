@@ -27,10 +27,12 @@ import structlog
 
 from daemon import exits
 from daemon.config import Config
+from daemon.logs import redact
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 EXIT_GRACE = 1.0  # seconds in which the leader's children may end with it before they count as left running
 LEFTOVER_POLL = 0.1  # seconds between looks at what the trainer left running
+REAP_EVERY = 10.0  # seconds between collections of adopted orphans that ended while the trainer runs
 KILL_WAIT = 5.0  # seconds for SIGKILLed processes to be gone before they are reported as surviving it
 log = structlog.get_logger()
 
@@ -134,7 +136,8 @@ def command_line(pid: int) -> str:
 
 
 def describe(pids: Iterable[int]) -> list[dict]:
-    return [{"pid": pid, "command": command_line(pid)} for pid in sorted(pids)[:20]]
+    """For the log: pids and command lines (shortened, signatures and credentials redacted)."""
+    return [{"pid": pid, "command": redact(command_line(pid))[:300]} for pid in sorted(pids)[:20]]
 
 
 class Trainer:
@@ -173,13 +176,23 @@ class Trainer:
             self._group = self.proc.pid
             self.started.set()
             log.info("trainer started", pid=self.proc.pid, command=argv)
-            status = exits.of_process(await self.proc.wait())
+            status = exits.of_process(await self._wait(self.proc))
             log.info("trainer exited", pid=self.proc.pid, exit_code=status)
             await self._end_what_is_left(self.proc.pid)
             if status != exits.OK:
                 break
         self._cancel_killer()
         return status
+
+    async def _wait(self, proc: asyncio.subprocess.Process) -> int:
+        """The leader's return code. Meanwhile adopted orphans that end are reaped, as init would."""
+        leader = asyncio.ensure_future(proc.wait())
+        try:
+            while not (await asyncio.wait({leader}, timeout=REAP_EVERY))[0]:
+                self._reap(proc.pid)
+        finally:
+            leader.cancel()
+        return leader.result()
 
     def forward(self, sig: signal.Signals, *, stop: bool) -> None:
         """Pass a signal to the running command's whole process group; a stop signal also starts
@@ -247,7 +260,7 @@ class Trainer:
 
     async def _gone(self, leader: int, until: Callable[[], float]) -> bool:
         """Wait until nothing the command started is alive (True), or the time `until()` says."""
-        while self._family():
+        while await asyncio.to_thread(self._family):  # a walk of /proc: off the loop
             if time.monotonic() >= until():
                 return False
             self._reap(leader)
