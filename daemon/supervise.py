@@ -260,12 +260,15 @@ class Trainer:
 
     async def _gone(self, leader: int, until: Callable[[], float]) -> bool:
         """Wait until nothing the command started is alive (True), or the time `until()` says."""
-        while await asyncio.to_thread(self._family):  # a walk of /proc: off the loop
+        while await asyncio.to_thread(self._left, leader):  # walks of /proc: off the loop
             if time.monotonic() >= until():
                 return False
-            self._reap(leader)
             await asyncio.sleep(LEFTOVER_POLL)
         return True
+
+    def _left(self, leader: int) -> dict[int, Proc]:
+        self._reap(leader)
+        return self._family()
 
     def _reap(self, leader: int) -> None:
         """Collect adopted orphans that have ended (the leader is the event loop's to collect)."""
