@@ -42,7 +42,10 @@ PIN_FALLBACKS = Counter(
     registry=REGISTRY,
 )
 STATE_WRITE_ERRORS = Counter(
-    "ckptd_state_write_errors", "Failed writes of the daemon's own journal, by errno name", ["reason"], registry=REGISTRY
+    "ckptd_state_write_errors",
+    "Failed writes of the daemon's own journal, by errno name",
+    ["reason"],
+    registry=REGISTRY,
 )
 TASK_RESTARTS = Counter(
     "ckptd_task_restarts", "Background tasks restarted after ending unexpectedly", ["task"], registry=REGISTRY

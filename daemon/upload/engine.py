@@ -195,7 +195,7 @@ class Engine:
         log.info("draining", deadline_seconds=round(self.deadline.at - time.monotonic(), 3))
         # The writer is done (trainer exited, or the pod is stopping): the final scan is the truth
         # from here on, and late hints would only re-open files already judged.
-        self.detector.stop()
+        await asyncio.to_thread(self.detector.stop)  # bounded, but seconds when a watcher thread is stuck
         await self.intake.rescan(retry_failed=True)
         settler = self.intake.settler
         # Polled: "nothing settling and nothing queued" spans two owners, and 50 ms is nothing to a drain.

@@ -75,7 +75,10 @@ class Intake:
 
     async def rescan(self, retry_failed: bool = True) -> None:
         """Reconcile with the folder: inotify is a hint, this is the truth."""
-        for path in await asyncio.to_thread(self._changed):
+        changed, others = await asyncio.to_thread(self._changed)
+        for path in others:  # links and special files: the settler skips them, counted once
+            self.settler.notice(path, False)
+        for path in changed:
             try:
                 relpath = layout.relpath_of(self.root, path)
             except layout.UnsafePath:
@@ -88,15 +91,17 @@ class Intake:
         if retry_failed:
             self.queue.retry_failed()
 
-    def _changed(self) -> list[str]:
-        """Files whose current version is not the stored one (runs in a thread)."""
+    def _changed(self) -> tuple[list[str], list[str]]:
+        """Files whose current version is not the stored one, and entries that are not regular
+        files (runs in a thread)."""
         stored = self.journal.state.stored
-        out = []
-        for path in scan(self.root, skip_dir=is_state):
+        out: list[str] = []
+        others: list[str] = []
+        for path in scan(self.root, skip_dir=is_state, others=others.append):
             known = stored.get(os.path.relpath(path, self.root))
             if known is None or Identity.stat(path) != known.identity:
                 out.append(path)
-        return out
+        return out, others
 
 
 def printable(name: str) -> str:

@@ -25,12 +25,13 @@ import structlog
 
 from daemon.catalog import layout
 from daemon.catalog.manifest import read_manifests
-from daemon.files import sha256_path
+from daemon.files import sha256_of
 from daemon.storage import Storage, StorageError
 from daemon.upload import journal as jr
 from daemon.upload.complete import Identity
 from daemon.upload.health import StoreHealth
 from daemon.upload.pin import Pin, Staging
+from daemon.upload.scan import open_file
 from daemon.upload.statedir import describe, ensure_dir, is_state, kind
 
 log = structlog.get_logger()
@@ -166,14 +167,19 @@ def _reconcile(root: str, journal: jr.Journal, manifests: list[dict[str, Any]]) 
 def _holds(root: str, f: dict[str, Any]) -> Identity | None:
     """The local file's identity if it is, byte for byte, what the manifest entry `f` lists."""
     relpath = f["path"]
-    path = layout.local_path(root, relpath)  # UnsafePath: absolute, '..'
-    inside = os.path.normpath(os.path.join(os.path.realpath(root), os.path.dirname(relpath)))
-    if is_state(relpath) or os.path.realpath(os.path.dirname(path)) != inside:
-        return None  # the state folder, or reached through a link: not ours to read
-    identity = Identity.stat(path)
-    if identity is None or identity.size != f["size"] or sha256_path(path) != f["sha256"]:
+    layout.local_path(root, relpath)  # UnsafePath: absolute, '..'
+    if is_state(relpath):
         return None
-    return identity
+    opened = open_file(root, relpath)  # no link below root is followed, nothing but a file opened
+    if not isinstance(opened, tuple):
+        return None
+    fd, st = opened
+    try:
+        if st.st_size != f["size"] or sha256_of(fd) != f["sha256"]:
+            return None
+        return Identity.of(st)
+    finally:
+        os.close(fd)
 
 
 def _already_committed(stored: dict[str, jr.Stored], manifests: list[dict[str, Any]]) -> list[str]:

@@ -73,6 +73,7 @@ class UploadStatus:
                 for job, e in self.queue.failures()[:LISTED]
             ],
             "still_being_written": self.settler.still_writing()[:LISTED],
+            "failing_files": dict(sorted(self.settler.failures().items())[:LISTED]),
             "uploaded_files": self.uploader.stored_count,
             "last_errors": list(self.health.recent),
             "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,

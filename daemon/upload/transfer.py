@@ -19,7 +19,6 @@ from daemon.storage import DIGEST_MISMATCH, Digests, FileRange, Part, Storage, S
 from daemon.storage.bodies import digests_sync
 from daemon.storage.retry import Deadline, retrying
 from daemon.upload import journal as jr
-from daemon.upload.complete import Identity
 from daemon.upload.health import StoreHealth
 from daemon.upload.pin import Pin
 from daemon.upload.throttle import Throttle
@@ -189,7 +188,7 @@ def _digests(fd: int, size: int, algorithms: tuple[str, ...]) -> Digests:
 
 
 def _check_unchanged(fd: int, pin: Pin) -> None:
-    now = Identity.of(os.fstat(fd))
+    now = pin.identity_of(fd)
     if now != pin.identity:
         raise Changed(f"{pin.relpath} changed while uploading")
 

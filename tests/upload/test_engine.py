@@ -154,3 +154,31 @@ async def test_disk_pressure_removes_only_older_committed_checkpoints(tmp_path):
     assert "checkpoint-3" in left and "checkpoint-0" in left  # never the newest, never uncommitted
     assert engine.tracker.is_committed("checkpoint-1") and "checkpoint-0" in report.uncommitted
     assert (tmp_path / "store" / layout.file_key("proj", "job-1", 0, "checkpoint-1/model.bin")).exists()
+
+
+async def test_links_and_fifos_present_before_start_are_counted_once_and_never_read(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not a checkpoint")
+    (ckpt / "etc").symlink_to(outside)
+    (ckpt / "secret-link.txt").symlink_to(outside / "secret.txt")
+    os.mkfifo(ckpt / "pipe")
+    (ckpt / "model.bin").write_bytes(b"weights")
+    c = config(tmp_path, f"file://{tmp_path}/store")
+    links, specials = counter("ckptd_files_skipped_total", reason="symlink"), counter(
+        "ckptd_files_skipped_total", reason="not_regular"
+    )
+    async with storage_for(c) as storage:
+        engine = Engine(c, storage)
+        await engine.startup()
+        await until(lambda: engine.uploader.stored_count == 1, 30, "model.bin stored")
+        await engine.intake.rescan()
+        await engine.intake.rescan()  # rescans see them again: still counted once
+        report = await engine.shutdown()
+    assert report.ok and report.stored == 1
+    assert counter("ckptd_files_skipped_total", reason="symlink") - links == 2
+    assert counter("ckptd_files_skipped_total", reason="not_regular") - specials == 1
+    stored = [p.name for p in (tmp_path / "store").rglob("*") if p.is_file() and "rank-0" in p.parts]
+    assert stored == ["model.bin"]

@@ -192,11 +192,6 @@ async def test_a_copy_superseded_by_an_in_place_rewrite_is_copied_again(folder: 
     pin.release()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transfer._check_unchanged compares the copy's own fstat with the original's identity; it "
-    "must use Pin.identity_of(fd) (change requested from the owner of transfer.py)",
-)
 async def test_a_copied_pin_uploads(folder: Folder, tmp_path: Path):
     data = os.urandom(2 * MiB)
     (folder.sub / "model.bin").write_bytes(data)
