@@ -7,6 +7,7 @@ them in a loop only hides the problem and hammers the store.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -68,22 +69,29 @@ class Deadline:
 
     def start(self, seconds: float) -> None:
         """Set it `seconds` from now, or sooner if `shorten` asked for that before."""
-        at = time.monotonic() + seconds
+        at = time.monotonic() + _finite(seconds)
         self._at = at if self._cap is None else min(at, self._cap)
 
     def shorten(self, seconds: float) -> None:
         """At most `seconds` from now, whether or not it is set yet (a second stop signal)."""
-        at = time.monotonic() + seconds
+        at = time.monotonic() + _finite(seconds)
         self._cap = at if self._cap is None else min(self._cap, at)
         if self._at is not None:
             self._at = min(self._at, at)
 
     def grace(self, seconds: float) -> None:
         """A last short window after the drain: `seconds` past the deadline or past now, whichever is earlier."""
-        self._at = min(self._at if self._at is not None else time.monotonic(), time.monotonic()) + seconds
+        self._at = min(self._at if self._at is not None else time.monotonic(), time.monotonic()) + _finite(seconds)
 
     def passed(self) -> bool:
         return self._at is not None and time.monotonic() >= self._at
+
+
+def _finite(seconds: float) -> float:
+    # NaN compares false with everything: a deadline of NaN would never pass, and a drain never end.
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a deadline needs a finite, non-negative number of seconds, not {seconds!r}")
+    return seconds
 
 
 def should_retry(error: StorageError, attempt_delay: float, now: float, deadline: float | None) -> bool:

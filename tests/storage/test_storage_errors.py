@@ -12,6 +12,7 @@ from botocore import exceptions as bx
 from daemon.storage import FileRange, S3Options, StorageURL, open_storage
 from daemon.storage.bodies import RangeReader, digests_sync
 from daemon.storage.errors import PERMANENT_CODES, TRANSIENT_CODES, StorageError, is_transient
+from daemon.storage.retry import Deadline
 from daemon.storage.s3 import S3Storage
 from daemon.storage.s3client import client_config, translate
 
@@ -180,3 +181,14 @@ def test_range_reader_streams_only_its_range(tmp_path: Path) -> None:
         with pytest.raises(OSError, match="shrank"):
             truncated.read()
         assert digests_sync(FileRange(f.fileno(), 0, 3), ("md5",)) == digests_sync(b"\x00\x01\x02", ("md5",))
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -1.0], ids=["nan", "inf", "negative"])
+@pytest.mark.parametrize("method", ["start", "shorten", "grace"])
+def test_a_deadline_refuses_a_number_of_seconds_it_could_never_reach(method, seconds):
+    """A NaN deadline never passes: a drain would never end (defence in depth behind the config)."""
+    deadline = Deadline()
+    with pytest.raises(ValueError, match="finite"):
+        getattr(deadline, method)(seconds)
+    deadline.start(0)
+    assert deadline.passed()
