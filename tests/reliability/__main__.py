@@ -20,7 +20,7 @@ sys.path.insert(0, str(TESTS))  # servers, faults and this package, as the test 
 
 from reliability import report  # noqa: E402 - needs the path above
 from reliability.catalog import SCENARIOS  # noqa: E402
-from reliability.runner import Servers, base_folder, machine, run_scenario  # noqa: E402
+from reliability.runner import Servers, base_folder, machine, run_many  # noqa: E402
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -30,6 +30,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trials", type=int, help="trials per scenario (default: the scenario's short or full count)")
     p.add_argument("--seed", type=int, help="the run's seed (default: random, printed)")
     p.add_argument("--only-trial", type=int, help="run only this trial index (with --seed, replays it)")
+    p.add_argument("--jobs", type=int, default=2, help="scenarios run side by side (default 2)")
     p.add_argument("--keep", action="store_true", help="keep every trial's folder, not only failed ones")
     p.add_argument("--report", help="write the report here (default with --full: docs/reliability.md)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -52,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     base = base_folder()
     servers = Servers(base / "servers")
     started = time.monotonic()
-    tallies = []
     say = lambda line: print(line, flush=True)  # noqa: E731
+    options = {"trials": args.trials, "only": args.only_trial, "keep": args.keep, "say": say}
     try:
-        for sc in chosen:
-            tallies.append(
-                run_scenario(sc, seed, args.full, servers, base, args.trials, args.only_trial, args.keep, say)
-            )
+        for kind in {sc.store_for(args.full) for sc in chosen} - {"file"}:
+            servers(kind)  # started here, not in the pool's threads
+        found = run_many(chosen, seed, args.full, servers, base, args.jobs, **options)
+        tallies = [found[sc.name] for sc in chosen]
     finally:
         servers.stop()
     took = time.monotonic() - started
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     target = args.report or ("docs/reliability.md" if args.full else None)
     if target:
         report.write(target, report.render(tallies, seed, took, args.full, machine(), argv))
-    if not failed:
-        shutil.rmtree(base, ignore_errors=True)
+    if failed or args.keep:
+        print(f"{'trials' if args.keep else 'failed trials'} are kept under {base}")
     else:
-        print(f"failed trials are kept under {base}")
+        shutil.rmtree(base, ignore_errors=True)
     return 1 if failed else 0
 
 

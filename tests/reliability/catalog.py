@@ -35,11 +35,12 @@ def _s(name, run, store, trials, budget=(90, 150), expect_exit=0, defect="") -> 
 
 
 SCENARIOS = [
-    _s("sigkill-daemon", scenarios.sigkill_daemon, "moto", (3, 100)),
+    _s("sigkill-daemon", scenarios.sigkill_daemon, "moto", (2, 100)),
     _s("kill-mid-checkpoint", scenarios.kill_mid_checkpoint, "moto", (1, 3)),
     _s("rotate-at-restart", scenarios.rotate_at_restart, "file", (1, 3)),
+    _s("drain-after-save", scenarios.drain_after_save, "file", (1, 3)),
     _s("sigkill-trainer", scenarios.sigkill_trainer, "file", (1, 8), expect_exit=None),
-    *[_s(f"fault-{k}", scenarios.store_fault(k), "moto", (1, 3), (90, 400)) for k in KINDS],
+    *[_s(f"fault-{k}", scenarios.store_fault(k), "moto", (1, 1 if k == "stall" else 3), (90, 400)) for k in KINDS],
     _s("lost-create-answer", scenarios.create_reset, "moto", (1, 2)),
     _s("outage", scenarios.long_outage, "moto", (1, 1), (90, 300)),
     _s("disk-full", scenarios.disk_full, "file", (1, 3), defect="4"),

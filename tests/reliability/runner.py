@@ -7,6 +7,7 @@ printed with every failure: `--scenario NAME --seed S --only-trial I` replays it
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ from reliability.restorecheck import check_restore
 from reliability.stores import LocalStore, S3Store
 
 Counter = collections.Counter
+MAX_LINES = 40  # violations kept per trial (all are counted)
 
 
 @dataclass
@@ -90,6 +92,18 @@ def run_scenario(
     return tally
 
 
+def run_many(
+    chosen: list[Scenario], seed: int, full: bool, server: Callable[[str], S3Server], base: Path, jobs: int = 1,
+    **options: object,
+) -> dict[str, Tally]:  # fmt: skip
+    """Scenarios side by side, `jobs` at a time (trials mostly wait on the writer and the daemon),
+    longest first. `server` must be callable from any thread."""
+    order = sorted(chosen, key=lambda sc: -sc.budget[full] * sc.trials[full])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {sc.name: pool.submit(run_scenario, sc, seed, full, server, base, **options) for sc in order}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def _store(sc: Scenario, full: bool, server: Callable[[str], S3Server], workdir: Path, seed: int):
     kind = sc.store_for(full)
     return LocalStore(workdir / "store") if kind == "file" else S3Store(server(kind), seed)
@@ -121,6 +135,8 @@ def run_trial(
         if t.violations and isinstance(store, S3Store):
             _save_proxy_log(store, workdir / "proxy.jsonl")
         store.close()
+    if len(t.violations) > MAX_LINES:  # a loop followed 40 deep names thousands of paths
+        t.violations[MAX_LINES:] = [f"... and {len(t.violations) - MAX_LINES} more violations"]
     if not t.violations:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

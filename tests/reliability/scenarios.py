@@ -140,6 +140,19 @@ def _rotate(t: Trial, checkpoint: str) -> None:
     rec.close()
 
 
+def drain_after_save(t: Trial, full: bool) -> None:
+    """The trainer's last save closes its files a moment before the sidecar is told to finish (the
+    --exit-when file): files closed within the settle time are complete, and must be stored."""
+    if t.index % 2:  # the last save rewrites, in place, a file whose upload is under way
+        t.watch("--bandwidth-limit", "4MiB")
+        plan = {"mode": "rewrite", "ops": ["inplace"], "files": 1, "size": 12 * MiB, "rounds": 1, "interval": 0.3}
+        t.wait_writer(t.writer({**plan, "slow": 0.1}))  # held open for writing across settle checks
+    else:
+        t.watch("--settle-time", "1")
+        t.wait_writer(t.writer(hf(t, saves=2, interval=0.05, keep=0, model=300_000)))
+    t.drain()
+
+
 def create_reset(t: Trial, full: bool) -> None:
     """The answer to CreateMultipartUpload is lost (connection reset after the store created the
     upload); the client's retry creates a second one. After a clean drain, none may be left."""
@@ -151,9 +164,9 @@ def create_reset(t: Trial, full: bool) -> None:
 
 def long_outage(t: Trial, full: bool) -> None:
     """The store is unreachable for a minute (a few seconds in the short run) while training saves."""
-    seconds = 60 if full else 4
+    seconds = 60 if full else 3
     t.watch("--drain-timeout", "120")
-    writer = t.writer(hf(t, saves=int((seconds + 6) / 0.5), interval=0.5, keep=2, model=200_000))
+    writer = t.writer(hf(t, saves=int((seconds + 3) / 0.3), interval=0.3, keep=2, model=200_000))
     t.sleep(t.rng.uniform(0.5, 2))
     t.store.proxy.outage(seconds)
     t.wait_writer(writer, timeout=seconds + 60)
@@ -229,7 +242,7 @@ def clock_jumps(t: Trial, full: bool) -> None:
     env = {"LD_PRELOAD": lib[0], "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1",
            "DONT_FAKE_MONOTONIC": "1"}  # fmt: skip
     t.watch(*SMALL_PARTS, env=env)
-    writer = t.writer(hf(t, saves=10, interval=0.2, keep=2, model=6 * MiB))
+    writer = t.writer(hf(t, saves=10 if full else 7, interval=0.2, keep=2, model=6 * MiB))
     for jump in t.rng.sample(["-3h", "+2d", "-400d", "+30d", "-1m"], 3):
         t.sleep(t.rng.uniform(0.2, 1.0))
         clock.write_text(jump + "\n")
