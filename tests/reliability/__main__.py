@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", help="write the report here (default with --full: docs/reliability.md)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
+
+
+def code() -> str:
+    """The daemon code the trials ran: its git commit (dirty if edited), or CKPTD_CODE_VERSION."""
+    found = subprocess.run(["git", "-C", str(TESTS.parent), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    return os.environ.get("CKPTD_CODE_VERSION") or found.stdout.strip() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(t.trials for t in tallies)} trials, {failed} failed, {took / 60:.1f} min, seed {seed}")
     target = args.report or ("docs/reliability.md" if args.full else None)
     if target:
-        report.write(target, report.render(tallies, seed, took, args.full, machine(), argv))
+        report.write(target, report.render(tallies, seed, took, args.full, f"{machine()}; code {code()}", argv))
     if failed or args.keep:
         print(f"{'trials' if args.keep else 'failed trials'} are kept under {base}")
     else:

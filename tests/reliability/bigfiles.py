@@ -61,6 +61,8 @@ def multipart_resume(t: Trial, full: bool) -> None:
     second = t.watch(*extra, "--drain-timeout", "600")
     t.drain(timeout=600)
     after = t.store.proxy.requests("UploadPart")[len(before) :]
+    t.notes.append(f"parts stored {sorted(done, key=int)}, in flight {sorted(in_flight, key=int)}, "
+                   f"sent after the restart {[r.query['partNumber'] for r in after]}")  # fmt: skip
     resent = {r.query["partNumber"] for r in after} & (done | in_flight)
     resent_bytes = sum(r.sent for r in after if r.query["partNumber"] in resent)
     t.figures.update(parts=total, parts_stored_at_kill=len(done), parts_in_flight_at_kill=len(in_flight),

@@ -48,6 +48,8 @@ def render(tallies: list[Tally], seed: int, seconds: float, full: bool, machine:
         f"- bytes verified: {_mib(total['bytes_verified'] + total['bytes_restored'])} MiB "
         f"({total['files_checked']} stored files compared with the writer's record, "
         f"{total['files_restored']} restored files compared with their manifests)",
+        f"- excused: {total['excused_files']} files completed and deleted while no ckptd could pin them "
+        f"(killed, or not yet started), {total['completed_after_drain']} completed after the last drain began",
         f"- faults injected: {', '.join(f'{k} {v}' for k, v in sorted(faults.items())) or 'none'}",
         "",
         "## Scenarios",
