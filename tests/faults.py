@@ -28,14 +28,12 @@ import fnmatch
 import hashlib
 import math
 import random
-import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
-from reliability.wire import CHUNK, Cut, Message, Wire, body_framing, operation, pieces
+from reliability.wire import CHUNK, Conn, Cut, Message, Wire, body_framing, consume, hold, operation, pieces, reset
 
 KINDS = ("error500", "slowdown503", "reset_request", "reset_response", "stall", "outage", "truncate", "bad_etag")
 _ERRORS = {"error500": (500, "InternalError", "We encountered an internal error."),
@@ -141,7 +139,7 @@ class FaultProxy:
                 pass
             listener.close()
         for conn in conns:
-            _reset(conn)
+            reset(conn)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -175,13 +173,13 @@ class FaultProxy:
                 return
             with self._lock:
                 if self._listener is not listener:
-                    _reset(client)
+                    reset(client)
                     return
                 self._conns.add(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        conn = _Conn(Wire(client))
+        conn = Conn(Wire(client))
         try:
             while self._exchange(conn):
                 pass
@@ -201,7 +199,7 @@ class FaultProxy:
                 self.injected[rule.fault] += 1
             return rule
 
-    def _exchange(self, conn: _Conn) -> bool:
+    def _exchange(self, conn: Conn) -> bool:
         """One request and its answer; False when the connection is done."""
         req = Message.read(conn.client)
         if req is None:
@@ -239,7 +237,7 @@ class FaultProxy:
             entry.sent += len(piece)
         return self._respond(conn, method, rule, entry, req)
 
-    def _respond(self, conn: _Conn, method: str, rule: Rule | None, entry: Request, req: Message) -> bool:
+    def _respond(self, conn: Conn, method: str, rule: Rule | None, entry: Request, req: Message) -> bool:
         up, client = conn.up, conn.client
         assert up is not None
         resp = Message.read(up)
@@ -250,8 +248,8 @@ class FaultProxy:
         fault = rule.fault if rule else None
         if rule and fault == "stall":
             entry.status = None
-            _consume(up, framing)
-            _hold(client.sock, rule.seconds, self._closed)
+            consume(up, framing)
+            hold(client.sock, rule.seconds, self._closed)
             return False
         if fault == "bad_etag" and resp.header("etag"):
             resp.set("etag", '"' + hashlib.md5(resp.header("etag").encode()).hexdigest() + '"')
@@ -268,30 +266,6 @@ class FaultProxy:
             conn.graceful = True
             return False
         return True
-
-
-class _Conn:
-    """A client connection and the server connection its requests go to (opened on demand)."""
-
-    def __init__(self, client: Wire) -> None:
-        self.client = client
-        self.up: Wire | None = None
-        self.graceful = False
-
-    def upstream(self, target: tuple[str, int]) -> Wire:
-        if self.up is not None and _readable(self.up.sock):  # the server closed an idle connection
-            self.up.sock.close()
-            self.up = None
-        if self.up is None:
-            self.up = Wire(socket.create_connection(target))
-        return self.up
-
-    def close(self) -> None:
-        # Anything but a completed exchange ends in RST on both sides: a fault, or a broken peer.
-        end = (lambda s: s.close()) if self.graceful else _reset
-        end(self.client.sock)
-        if self.up is not None:
-            end(self.up.sock)
 
 
 def _cut(client: Wire, up: Wire, head: bytes, framing: tuple, rule: Rule, entry: Request) -> bool:
@@ -327,31 +301,3 @@ def _error(fault: str, key: str, request_id: int) -> bytes:
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
         f"x-amz-request-id: ckptd-faults-{request_id}\r\n\r\n"
     ).encode() + body
-
-
-def _hold(sock: socket.socket, seconds: float, closed: threading.Event) -> None:
-    """Answer nothing for `seconds`, unless the client gives up first or the proxy closes."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0 and not closed.is_set():
-        if select.select([sock], [], [], min(left, 0.2))[0] and not sock.recv(CHUNK):
-            return
-
-
-def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
-
-
-def _consume(wire: Wire, framing: tuple) -> None:
-    for _ in pieces(wire, framing):
-        pass
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST, not FIN: the peer sees 'connection reset by peer'. SHUT_RD sends nothing but
-    wakes a thread blocked reading this socket (an outage closes other threads' connections)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
-    sock.close()

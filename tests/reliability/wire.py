@@ -1,4 +1,5 @@
-"""Just enough HTTP/1.1 for the fault proxy (tests/faults.py): messages, body framing, S3 operation names.
+"""Just enough HTTP/1.1 for the fault proxy (tests/faults.py): messages, body framing, S3 operation
+names, and the proxy's connections (kept alive, reset with RST, held without an answer).
 
 Bodies are relayed as raw pieces (chunked framing included), so what reaches the server is exactly
 what the client sent.
@@ -6,7 +7,11 @@ what the client sent.
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -171,3 +176,55 @@ def operation(method: str, target: str) -> tuple[str, str, dict[str, str]]:
         return method.title() + "Other", key, query
     by_param, default = entry
     return next((op for param, op in by_param if param in query), default), key, query
+
+
+class Conn:
+    """A client connection and the server connection its requests go to (opened on demand)."""
+
+    def __init__(self, client: Wire) -> None:
+        self.client = client
+        self.up: Wire | None = None
+        self.graceful = False
+
+    def upstream(self, target: tuple[str, int]) -> Wire:
+        if self.up is not None and readable(self.up.sock):  # the server closed an idle connection
+            self.up.sock.close()
+            self.up = None
+        if self.up is None:
+            self.up = Wire(socket.create_connection(target))
+        return self.up
+
+    def close(self) -> None:
+        # Anything but a completed exchange ends in RST on both sides: a fault, or a broken peer.
+        end = (lambda s: s.close()) if self.graceful else reset
+        end(self.client.sock)
+        if self.up is not None:
+            end(self.up.sock)
+
+
+def hold(sock: socket.socket, seconds: float, closed: threading.Event) -> None:
+    """Answer nothing for `seconds`, unless the client gives up first or the proxy closes."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not closed.is_set():
+        if select.select([sock], [], [], min(left, 0.2))[0] and not sock.recv(CHUNK):
+            return
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def consume(wire: Wire, framing: tuple) -> None:
+    for _ in pieces(wire, framing):
+        pass
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST, not FIN: the peer sees 'connection reset by peer'. SHUT_RD sends nothing but
+    wakes a thread blocked reading this socket (an outage closes other threads' connections)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    sock.close()
