@@ -125,11 +125,14 @@ def _manifests(
             if checkpoint_of(path) != name or path in h.unstorable:
                 continue
             if path not in listed:
+                counts["torn_commits"] += 1
                 v.append(f"corrupt: committed {name!r} lacks {path!r}, which the writer completed")
             elif not h.deleted_after_done(path) and path not in h.begun and listed[path]["sha256"] != sha:
+                counts["manifest_mismatches"] += 1
                 v.append(f"corrupt: manifest of {name!r} lists an older version of {path!r} than the last completed")
         for path in h.unstorable:
             if checkpoint_of(path) == name:
+                counts["torn_commits"] += 1
                 v.append(f"corrupt: {name!r} committed without {path!r}, which cannot be stored")
 
 
