@@ -47,8 +47,10 @@ def excused(trial: Trial, done_at: float, deleted_at: float | None) -> bool:
 def manifests(trial: Trial) -> dict[str, dict]:
     found = {}
     for name in trial.store.scan(MANIFESTS):
-        m = json.loads(trial.store.read(MANIFESTS + name))
-        found[m["checkpoint"]] = m
+        data = trial.store.read(MANIFESTS + name)
+        if data is not None:  # else withdrawn since it was listed
+            m = json.loads(data)
+            found[m["checkpoint"]] = m
     return found
 
 

@@ -64,12 +64,19 @@ class LocalStore:
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
                 if name.startswith(RESERVED) or not key.startswith(prefix):
                     continue
-                with open(Path(dirpath, name), "rb") as f:
-                    found[key[len(prefix) :]] = _digest(iter(lambda f=f: f.read(READ), b""), secret)
+                try:
+                    with open(Path(dirpath, name), "rb") as f:
+                        found[key[len(prefix) :]] = _digest(iter(lambda f=f: f.read(READ), b""), secret)
+                except FileNotFoundError:
+                    continue  # deleted since it was listed (a withdrawn manifest)
         return found
 
-    def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+    def read(self, key: str) -> bytes | None:
+        """An object's bytes, None if it is gone (deleted since it was listed)."""
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def incomplete_uploads(self) -> list[str]:
         folder = self.root / ".ckptd-multipart"
@@ -111,12 +118,18 @@ class S3Store:
     def scan(self, prefix: str, secret: bytes = b"") -> dict[str, Blob]:
         found = {}
         for key in self._keys(prefix):
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            except self.client.exceptions.NoSuchKey:
+                continue  # deleted since it was listed (a withdrawn manifest)
             found[key[len(PREFIX) + 1 + len(prefix) :]] = _digest(body.iter_chunks(READ), secret)
         return found
 
-    def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=f"{PREFIX}/{key}")["Body"].read()
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=f"{PREFIX}/{key}")["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
 
     def incomplete_uploads(self) -> list[str]:
         uploads = self.client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])

@@ -156,6 +156,7 @@ def rewrite(w: Writer) -> None:
         w.write(rel, size)
     w.write_bytes("checkpoint-1/trainer_state.json", b'{"global_step": 1}')
     w.rec.emit("complete", checkpoint="checkpoint-1")
+    time.sleep(w.plan.get("first_pause", 0))  # time for this version to be stored and committed
     alive = list(names)
     for _ in range(w.plan.get("rounds", 6)):
         w.pause()
