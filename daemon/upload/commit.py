@@ -101,6 +101,9 @@ class _Checkpoint:
     manifest_files: Mapping[str, StoredFile] | None = None
     # Files a manifest found in the store at start names (it may list versions this run never saw).
     in_store: set[str] = field(default_factory=set)
+    # Files of it may have come and gone unseen (found by a scan, or stored by an earlier run):
+    # it commits only once its folder is seen to hold exactly the stored files (`proven`).
+    unproven: bool = False
     # Files that can never be stored (a name no store can hold): the checkpoint must never commit.
     unstorable: set[str] = field(default_factory=set)
 
@@ -156,6 +159,17 @@ class CheckpointTracker:
 
     def unstorable_files(self) -> list[str]:
         return sorted(name for state in self._checkpoints.values() for name in state.unstorable)
+
+    def unproven(self, checkpoint: str) -> None:
+        """This run cannot vouch that it saw every file of `checkpoint`: see `_Checkpoint.unproven`."""
+        self._state(checkpoint).unproven = True
+
+    def proven(self, checkpoint: str) -> None:
+        self._state(checkpoint).unproven = False
+
+    def is_unproven(self, checkpoint: str) -> bool:
+        state = self._checkpoints.get(checkpoint)
+        return bool(state) and state.unproven
 
     def listed(self, relpath: str) -> bool:
         """Whether the checkpoint's written manifest names this file: overwriting its object

@@ -175,6 +175,13 @@ class Engine:
         for s in self.journal.state.stored.values():
             if s.key == self.key(s.relpath):  # not a record of another job that used this folder
                 self.tracker.stored(s.file(), now)
+        # What an earlier run stored or pinned of a checkpoint it did not commit: files of it may
+        # have been written and deleted while no ckptd watched, so it must prove itself first.
+        touched = {layout.checkpoint_of(r) for r in self.journal.state.stored} | {
+            layout.checkpoint_of(p.relpath) for p in found.pins
+        }
+        for checkpoint in touched - set(found.committed):
+            self.tracker.unproven(checkpoint)
         for checkpoint in found.committed:
             self.tracker.already_committed(checkpoint)
         for checkpoint, relpaths in found.listed.items():
@@ -198,6 +205,7 @@ class Engine:
         await asyncio.to_thread(self.detector.stop)  # bounded, but seconds when a watcher thread is stuck
         await self.intake.rescan(retry_failed=True)
         settler = self.intake.settler
+        settler.recheck()
         # Polled: "nothing settling and nothing queued" spans two owners, and 50 ms is nothing to a drain.
         while (settler.busy() or not self.queue.empty()) and not self.deadline.passed():  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL)

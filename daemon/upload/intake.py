@@ -13,7 +13,7 @@ from daemon import metrics
 from daemon.catalog import layout
 from daemon.upload import journal as jr
 from daemon.upload.commit import CheckpointTracker
-from daemon.upload.complete import Identity
+from daemon.upload.complete import Identity, files_open_for_write
 from daemon.upload.pin import Pin, Staging
 from daemon.upload.queue import Job, UploadQueue
 from daemon.upload.scan import scan
@@ -78,7 +78,7 @@ class Intake:
         changed, others = await asyncio.to_thread(self._changed)
         for path in others:  # links and special files: the settler skips them, counted once
             self.settler.notice(path, False)
-        for path in changed:
+        for path, closed in changed:
             try:
                 relpath = layout.relpath_of(self.root, path)
             except layout.UnsafePath:
@@ -87,13 +87,18 @@ class Intake:
             if relpath in self.settler.candidates or self.queue.known(relpath):
                 continue
             metrics.RESCAN_FOUND.inc()
-            self.settler.notice(path, False)
+            # Found by a scan, not by an event: files may have come and gone unseen (written while
+            # ckptd was down, or events lost), so its checkpoint commits only once the folder is
+            # seen to hold exactly what is stored.
+            self.tracker.unproven(layout.checkpoint_of(relpath))
+            self.settler.notice(path, closed)
         if retry_failed:
             self.queue.retry_failed()
 
-    def _changed(self) -> tuple[list[str], list[str]]:
-        """Files whose current version is not the stored one, and entries that are not regular
-        files (runs in a thread)."""
+    def _changed(self) -> tuple[list[tuple[str, bool]], list[str]]:
+        """Files whose current version is not the stored one, each with whether it counts as
+        closed (no visible process holds it open for writing: pin it now, before a rotation can
+        take it), and the entries that are not regular files (runs in a thread)."""
         stored = self.journal.state.stored
         out: list[str] = []
         others: list[str] = []
@@ -101,7 +106,15 @@ class Intake:
             known = stored.get(os.path.relpath(path, self.root))
             if known is None or Identity.stat(path) != known.identity:
                 out.append(path)
-        return out, others
+        writers = files_open_for_write() if out else None
+        return [(path, _closed(path, writers)) for path in out], others
+
+
+def _closed(path: str, writers: frozenset[tuple[int, int]] | None) -> bool:
+    if writers is None:  # /proc unreadable: no way to tell, so wait for the settle time as before
+        return False
+    identity = Identity.stat(path)
+    return identity is not None and (identity.dev, identity.ino) not in writers
 
 
 def printable(name: str) -> str:

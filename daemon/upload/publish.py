@@ -7,18 +7,24 @@ an old RUNNING status must never land after the final one.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 
 import structlog
 
 from daemon import metrics
 from daemon.catalog import jobmeta, layout
+from daemon.catalog.layout import ROOT_CHECKPOINT
 from daemon.catalog.manifest import build_manifest, write_manifest
 from daemon.config import Config
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 from daemon.upload.commit import CheckpointTracker
+from daemon.upload.complete import Identity, is_ignored
 from daemon.upload.health import StoreHealth
+from daemon.upload.scan import walk
+from daemon.upload.statedir import is_state
 
 log = structlog.get_logger()
 
@@ -31,6 +37,7 @@ class Publisher:
         self._wake = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._metadata_lock = asyncio.Lock()
+        self._unprovable: set[str] = set()  # warned about once
 
     def wake(self) -> None:
         """A file was stored: a checkpoint may be complete."""
@@ -51,7 +58,28 @@ class Publisher:
     async def commit_due(self, final: bool) -> None:
         async with self._commit_lock:
             for checkpoint, reason in self.tracker.due(time.monotonic(), final=final):
+                if self.tracker.is_unproven(checkpoint) and not await self._prove(checkpoint):
+                    continue
                 await self._commit(checkpoint, reason)
+
+    async def _prove(self, checkpoint: str) -> bool:
+        """Whether the checkpoint's local folder holds exactly the files stored for it (same paths,
+        same sizes): only then may a checkpoint whose files were not all seen arriving commit. A
+        folder rotated away while ckptd was down can never be proven: stored, never committed."""
+        stored = {f.relpath: f.size for f in self.tracker.files(checkpoint)}
+        local = await asyncio.to_thread(local_files, self.c.checkpoint_dir, checkpoint, self.c.ignore_patterns)
+        if local != stored:
+            if checkpoint not in self._unprovable:
+                self._unprovable.add(checkpoint)
+                log.warning(
+                    "checkpoint not committed: its folder does not hold exactly what is stored",
+                    checkpoint=checkpoint,
+                    missing_locally=sorted(set(stored) - set(local or {}))[:20],
+                    not_stored=sorted(set(local or {}) - set(stored))[:20],
+                )
+            return False
+        self.tracker.proven(checkpoint)
+        return True
 
     async def _commit(self, checkpoint: str, reason: str) -> None:
         c, files = self.c, self.tracker.files(checkpoint)
@@ -126,3 +154,29 @@ class Publisher:
 
     async def _retrying(self, call):
         return await retrying(call, deadline=self.deadline, observe=self.health.observe)
+
+
+def local_files(root: str, checkpoint: str, ignore: tuple[str, ...]) -> dict[str, int] | None:
+    """relpath -> size of every storable file of `checkpoint` in the checkpoint folder now, or None
+    if its folder is gone (blocking). Links and special files are not files of it."""
+    folder = root if checkpoint == ROOT_CHECKPOINT else os.path.join(root, checkpoint)
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return None
+    except OSError:
+        return None
+    paths = walk(root, folder, is_state) if checkpoint != ROOT_CHECKPOINT else _top_files(root)
+    found = {}
+    for path in paths:
+        relpath = os.path.relpath(path, root)
+        if layout.checkpoint_of(relpath) != checkpoint or is_ignored(relpath, ignore):
+            continue
+        identity = Identity.stat(path)
+        if identity is not None:
+            found[relpath] = identity.size
+    return found
+
+
+def _top_files(root: str) -> list[str]:
+    with os.scandir(root) as it:
+        return [e.path for e in it if e.is_file(follow_symlinks=False)]

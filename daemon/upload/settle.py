@@ -160,6 +160,14 @@ class Settler:
         nor failing for a while (a drain does not wait on a file that cannot be read: it reports it)."""
         return any(not c.writing and c.failed < PATIENCE for c in self.candidates.values())
 
+    def recheck(self) -> None:
+        """Look again at every candidate now, with a fresh look at who holds it open: at the drain,
+        a file last seen open may have been closed since, and must not be left unjudged."""
+        now = time.monotonic()
+        for c in self.candidates.values():
+            c.writing, c.due = False, min(c.due, now)
+        self._wake.set()
+
     def settling(self) -> list[str]:
         """Candidates that may be complete but were not yet judged so, failing ones included."""
         return sorted(c.relpath for c in self.candidates.values() if not c.writing)

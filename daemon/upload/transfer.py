@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.files import ShortRead, sha256_of
-from daemon.storage import DIGEST_MISMATCH, Digests, FileRange, Part, Storage, StorageError
-from daemon.storage.bodies import digests_sync
+from daemon.storage import DIGEST_MISMATCH, Body, Digests, FileRange, Part, Storage, StorageError
+from daemon.storage.bodies import digests, digests_sync
 from daemon.storage.retry import Deadline, retrying
 from daemon.upload import journal as jr
 from daemon.upload.health import StoreHealth
@@ -27,6 +27,7 @@ MiB = 1 << 20
 DEFAULT_PART = 16 * MiB
 MIN_PART = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
+IN_MEMORY = 32 * MiB  # single PUTs up to this size are read into memory once (small lane: a few at a time)
 log = structlog.get_logger()
 
 
@@ -72,13 +73,24 @@ class Transfer:
 
     async def _single(self, pin: Pin, key: str, fd: int) -> jr.Stored:
         size = pin.identity.size
-        # One pass gives the manifest's SHA-256 and the checksum the store verifies, so a body
-        # that differs from the hashed bytes (a rewrite in place mid-send) is refused, not stored.
-        hashed = await asyncio.to_thread(_digests, fd, size, ("sha256", *self.storage.verifies))
+        earlier = self.journal.state.multipart.get(pin.relpath)
+        if earlier:  # an earlier run's multipart upload of this path (another version, or threshold)
+            await self._abort(earlier.key, earlier.upload_id, pin, None)
+        if size <= IN_MEMORY:
+            # Read once: the bytes sent are the bytes hashed, so a rewrite in place mid-send cannot
+            # tear the object on any store, whether or not it checks what it is sent.
+            body: Body = await asyncio.to_thread(_read, fd, size)
+            _check_unchanged(fd, pin)  # else the bytes read may mix two versions: send none of them
+            hashed = await digests(body, ("sha256", *self.storage.verifies))
+        else:
+            # Streamed: one pass gives the manifest's SHA-256 and the checksum the store verifies,
+            # so a store that checks it refuses a body that differs from the hashed bytes.
+            body = FileRange(fd, 0, size)
+            hashed = await asyncio.to_thread(_digests, fd, size, ("sha256", *self.storage.verifies))
         self.throttle.debit(size)
         try:
             etag = await retrying(
-                lambda: self.storage.put(key, FileRange(fd, 0, size), hashed),
+                lambda: self.storage.put(key, body, hashed),
                 deadline=self.deadline,
                 observe=self.health.observe,
                 context={"path": pin.relpath},
@@ -142,7 +154,20 @@ class Transfer:
         part_size = part_size_for(pin.identity.size, self.part_size)
         self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
         await self.journal.sync()  # a crash from here on must find this upload to resume or abort it
+        await self._abort_strays(key, upload_id, pin)
         return upload_id, {}
+
+    async def _abort_strays(self, key: str, upload_id: str, pin: Pin) -> None:
+        """A create whose answer was lost (a reset after the store made the upload) was retried and
+        made a second one: only one upload of a path runs at a time, so any other is a stray."""
+        try:
+            found = await self.storage.list_multipart_uploads(key)
+        except StorageError as e:  # the next start aborts whatever the journal does not know
+            log.info("stray multipart uploads not checked", path=pin.relpath, code=e.code)
+            return
+        for upload in found:
+            if upload.key == key and upload.upload_id != upload_id:
+                await self._abort(key, upload.upload_id, pin, None, journaled=False)
 
     async def _part(self, fd: int, key: str, upload_id: str, number: int, part_size: int, size: int, pin: Pin) -> Part:
         offset = (number - 1) * part_size
@@ -158,7 +183,9 @@ class Transfer:
         _drop_cache(fd, offset, body.size)
         return part
 
-    async def _abort(self, key: str, upload_id: str, pin: Pin, cause: BaseException | None) -> None:
+    async def _abort(
+        self, key: str, upload_id: str, pin: Pin, cause: BaseException | None, *, journaled: bool = True
+    ) -> None:
         try:
             # Shielded: an abort interrupted by the same cancellation would leave the parts behind.
             await asyncio.shield(asyncio.wait_for(self.storage.abort_multipart(key, upload_id), 30))
@@ -166,7 +193,8 @@ class Transfer:
             # The journal keeps the upload: the next start aborts or resumes it.
             log.warning("multipart abort failed", path=pin.relpath, key=key, code=getattr(e, "code", "Timeout"))
             return
-        self.journal.record("multipart_done", relpath=pin.relpath)
+        if journaled:
+            self.journal.record("multipart_done", relpath=pin.relpath)
         if cause is not None and not isinstance(cause, asyncio.CancelledError | Changed):
             log.info("multipart upload aborted", path=pin.relpath, key=key, cause=type(cause).__name__)
 
@@ -176,6 +204,16 @@ def _sha256(fd: int, size: int) -> str:
         return sha256_of(fd, size)
     except ShortRead as e:
         raise Changed(f"file shrank while hashing: {e}") from None
+
+
+def _read(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # pread may return less on some file systems
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            raise Changed(f"file shrank while reading: {len(data)} of {size} bytes")
+        data += more
+    return data
 
 
 def _digests(fd: int, size: int, algorithms: tuple[str, ...]) -> Digests:

@@ -167,8 +167,9 @@ async def test_links_and_fifos_present_before_start_are_counted_once_and_never_r
     os.mkfifo(ckpt / "pipe")
     (ckpt / "model.bin").write_bytes(b"weights")
     c = config(tmp_path, f"file://{tmp_path}/store")
-    links, specials = counter("ckptd_files_skipped_total", reason="symlink"), counter(
-        "ckptd_files_skipped_total", reason="not_regular"
+    links, specials = (
+        counter("ckptd_files_skipped_total", reason="symlink"),
+        counter("ckptd_files_skipped_total", reason="not_regular"),
     )
     async with storage_for(c) as storage:
         engine = Engine(c, storage)
