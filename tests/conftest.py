@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import nobody
 import pytest
 import servers
 from servers import S3Bucket, S3Server
@@ -51,6 +52,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(kind)
     if unmarked:
         raise pytest.UsageError("tests without a unit/integration/slow mark: " + ", ".join(unmarked[:10]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_reachable_by_nobody() -> Iterator[None]:
+    """Tests that run ckptd as nobody need to reach this checkout (see tests/nobody.py)."""
+    with nobody.checkout_reachable():
+        yield
 
 
 @pytest.fixture(scope="session")

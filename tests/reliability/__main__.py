@@ -20,7 +20,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # servers, faults and this package, as the test suite imports them
 
-from reliability import report  # noqa: E402 - needs the path above
+from nobody import checkout_reachable  # noqa: E402 - needs the path above
+from reliability import report  # noqa: E402
 from reliability.catalog import SCENARIOS  # noqa: E402
 from reliability.runner import Servers, base_folder, machine, run_many  # noqa: E402
 
@@ -64,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     say = lambda line: print(line, flush=True)  # noqa: E731
     options = {"trials": args.trials, "only": args.only_trial, "keep": args.keep, "say": say}
-    try:
-        for kind in {sc.store_for(args.full) for sc in chosen} - {"file"}:
-            servers(kind)  # started here, not in the pool's threads
-        found = run_many(chosen, seed, args.full, servers, base, args.jobs, **options)
-        tallies = [found[sc.name] for sc in chosen]
-    finally:
-        servers.stop()
+    with checkout_reachable():  # some trials run ckptd as nobody
+        try:
+            for kind in {sc.store_for(args.full) for sc in chosen} - {"file"}:
+                servers(kind)  # started here, not in the pool's threads
+            found = run_many(chosen, seed, args.full, servers, base, args.jobs, **options)
+            tallies = [found[sc.name] for sc in chosen]
+        finally:
+            servers.stop()
     took = time.monotonic() - started
     failed = sum(len(t.failures) for t in tallies)
     print(f"{sum(t.trials for t in tallies)} trials, {failed} failed, {took / 60:.1f} min, seed {seed}")
