@@ -21,6 +21,7 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))  # servers, faults and this package, as the test suite imports them
 
 from nobody import checkout_reachable  # noqa: E402 - needs the path above
+
 from reliability import report  # noqa: E402
 from reliability.catalog import SCENARIOS  # noqa: E402
 from reliability.runner import Servers, base_folder, machine, run_many  # noqa: E402
