@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -29,6 +31,7 @@ MIN_PART = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 IN_MEMORY = 32 * MiB  # single PUTs up to this size are read into memory once (small lane: a few at a time)
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 def part_size_for(size: int, configured: int | None = None) -> int:
@@ -89,12 +92,7 @@ class Transfer:
             hashed = await asyncio.to_thread(_digests, fd, size, ("sha256", *self.storage.verifies))
         self.throttle.debit(size)
         try:
-            etag = await retrying(
-                lambda: self.storage.put(key, body, hashed),
-                deadline=self.deadline,
-                observe=self.health.observe,
-                context={"path": pin.relpath},
-            )
+            etag = await self._retrying(lambda: self.storage.put(key, body, hashed), pin)
         except StorageError as e:
             if e.code in DIGEST_MISMATCH:
                 raise Changed(f"{pin.relpath} changed while uploading: the store refused the body ({e.code})") from e
@@ -114,18 +112,19 @@ class Transfer:
             parts = sorted([*done.values(), *sent], key=lambda p: p.number)
             sha = await hashing
             _check_unchanged(fd, pin)
-            etag = await retrying(
-                lambda: self.storage.complete_multipart(key, upload_id, parts),
-                deadline=self.deadline,
-                observe=self.health.observe,
-                context={"path": pin.relpath},
-            )
+            etag = await self._retrying(lambda: self.storage.complete_multipart(key, upload_id, parts), pin)
         except BaseException as e:
             hashing.cancel()
             await self._abort(key, upload_id, pin, e)
             raise
         self.journal.record("multipart_done", relpath=pin.relpath)
         return jr.Stored(pin.relpath, pin.identity, sha, key, etag)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], pin: Pin, **context: object) -> T:
+        """A storage request, retried until the drain deadline; its outcomes feed the store's health."""
+        return await retrying(
+            call, deadline=self.deadline, observe=self.health.observe, context={"path": pin.relpath, **context}
+        )
 
     async def _start_or_resume(self, pin: Pin, key: str) -> tuple[str, dict[int, Part]]:
         """Reuse the parts of an upload a crashed run left, if it was of this very file version."""
@@ -145,12 +144,7 @@ class Transfer:
                 return earlier.upload_id, full
         if earlier:
             await self._abort(earlier.key, earlier.upload_id, pin, None)
-        upload_id = await retrying(
-            lambda: self.storage.create_multipart(key),
-            deadline=self.deadline,
-            observe=self.health.observe,
-            context={"path": pin.relpath},
-        )
+        upload_id = await self._retrying(lambda: self.storage.create_multipart(key), pin)
         part_size = part_size_for(pin.identity.size, self.part_size)
         self.journal.record("multipart", jr.Multipart(pin.relpath, pin.identity, key, upload_id, part_size))
         await self.journal.sync()  # a crash from here on must find this upload to resume or abort it
@@ -174,12 +168,8 @@ class Transfer:
         body = FileRange(fd, offset, min(part_size, size - offset))
         async with self.parts:
             await self.throttle.take(body.size)
-            part = await retrying(
-                lambda: self.storage.upload_part(key, upload_id, number, body),
-                deadline=self.deadline,
-                observe=self.health.observe,
-                context={"path": pin.relpath, "part": number},
-            )
+            send = lambda: self.storage.upload_part(key, upload_id, number, body)  # noqa: E731
+            part = await self._retrying(send, pin, part=number)
         _drop_cache(fd, offset, body.size)
         return part
 

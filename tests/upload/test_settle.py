@@ -285,7 +285,8 @@ async def test_links_and_special_files_are_skipped_once_and_never_pinned(rig: Ri
                 rig.settler.notice(
                     str(rig.root / relpath), closed=closed, early=rig.settler.pin_early(str(rig.root / relpath))
                 )
-            await asyncio.sleep(SETTLE * 2)
+            # Skipped as it is noticed: no candidate is left for the settle loop to judge later.
+            await until(lambda: rig.settler.candidates == {}, 5, "nothing left to settle")
     assert rig.seen.skipped == [(relpath, reason)]
     assert len([e for e in logs if e.get("path") == relpath]) == 1  # said once
     assert rig.seen.noticed == [] and rig.seen.complete == []
@@ -298,8 +299,7 @@ async def test_a_file_replaced_by_a_link_before_it_is_pinned_is_not_followed(rig
         rig.settler.notice(path, closed=False)  # a scan found it: not pinned yet
         os.unlink(path)
         os.symlink("/etc/hostname", path)
-        await until(lambda: rig.seen.skipped, 5, "the candidate to be dropped")
-        await asyncio.sleep(SETTLE)
+        await until(lambda: len(rig.seen.skipped) == 2 and not rig.settler.candidates, 5, "the candidate to be dropped")
     assert sorted(rig.seen.skipped) == [("checkpoint-1/model.bin", "symlink"), ("checkpoint-1/model.bin", "vanished")]
     assert rig.seen.complete == [] and os.listdir(rig.staging) == []
 
