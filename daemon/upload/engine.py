@@ -121,6 +121,7 @@ class Engine:
             deadline=self.deadline,
             tasks=self.tasks,
             journal=self.journal,
+            unlistable=lambda: self.intake.unlistable,
         )
 
     def key(self, relpath: str) -> str:
@@ -214,6 +215,7 @@ class Engine:
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
         not_stored = {j.relpath for j in self.queue.pending()} | set(settler.settling())
         not_stored |= set(self.tracker.unstorable_files())  # never stored: their checkpoints stay uncommitted
+        not_stored |= set(self.intake.unlistable)  # folders whose files could not even be seen
         in_flight = [j.relpath for j in self.queue.jobs()]
         await self.tasks.cancel("drain finished" if not not_stored else "drain deadline passed")
         if in_flight:

@@ -9,9 +9,12 @@ import os
 import time
 from collections.abc import Callable
 
+import structlog
+
 from daemon import metrics
 from daemon.catalog import layout
 from daemon.upload import journal as jr
+from daemon.upload import statedir
 from daemon.upload.commit import CheckpointTracker
 from daemon.upload.complete import Identity, files_open_for_write
 from daemon.upload.pin import Pin, Staging
@@ -19,6 +22,8 @@ from daemon.upload.queue import Job, UploadQueue
 from daemon.upload.scan import scan
 from daemon.upload.settle import Settler
 from daemon.upload.statedir import is_state
+
+log = structlog.get_logger()
 
 
 class Intake:
@@ -35,6 +40,7 @@ class Intake:
         key_of: Callable[[str], str],
     ) -> None:
         self.root, self.journal, self.queue, self.tracker, self.key_of = root, journal, queue, tracker, key_of
+        self.unlistable: dict[str, str] = {}  # "relpath/" of folders the last scan could not list -> why
         self.settler = Settler(root, staging, settle, ignore, self._noticed, self._complete, self._skip)
 
     def renotice(self, relpath: str) -> None:
@@ -75,7 +81,8 @@ class Intake:
 
     async def rescan(self, retry_failed: bool = True) -> None:
         """Reconcile with the folder: inotify is a hint, this is the truth."""
-        changed, others = await asyncio.to_thread(self._changed)
+        changed, others, unlisted = await asyncio.to_thread(self._changed)
+        self._unlisted(unlisted)
         for path in others:  # links and special files: the settler skips them, counted once
             self.settler.notice(path, False)
         for path, closed in changed:
@@ -95,19 +102,40 @@ class Intake:
         if retry_failed:
             self.queue.retry_failed()
 
-    def _changed(self) -> tuple[list[tuple[str, bool]], list[str]]:
+    def _unlisted(self, found: dict[str, str]) -> None:
+        """Folders that cannot be listed hide files nobody can tell are complete: each one is a
+        pending entry of its checkpoint (which cannot commit), counted and logged once, and named
+        by the drain, until a scan can list it (or it is gone)."""
+        now = time.monotonic()
+        for relpath, error in found.items():
+            if relpath not in self.unlistable:
+                log.error("folder cannot be listed: its files cannot be uploaded", path=relpath, error=error)
+                metrics.UPLOAD_FAILURES.labels(reason=error.split(" ", 1)[0]).inc()
+                self.tracker.noticed(relpath, now)
+        for relpath in set(self.unlistable) - set(found):
+            log.info("folder can be listed again", path=relpath)
+            self.tracker.dropped(relpath, now)
+        self.unlistable = found
+
+    def _changed(self) -> tuple[list[tuple[str, bool]], list[str], dict[str, str]]:
         """Files whose current version is not the stored one, each with whether it counts as
         closed (no visible process holds it open for writing: pin it now, before a rotation can
-        take it), and the entries that are not regular files (runs in a thread)."""
+        take it), the entries that are not regular files, and the folders that cannot be listed
+        (as "relpath/", with why) (runs in a thread)."""
         stored = self.journal.state.stored
         out: list[str] = []
         others: list[str] = []
-        for path in scan(self.root, skip_dir=is_state, others=others.append):
+        unlisted: dict[str, str] = {}
+
+        def cannot_list(folder: str, e: OSError) -> None:
+            unlisted[printable(os.path.relpath(folder, self.root)) + "/"] = statedir.describe(e)
+
+        for path in scan(self.root, skip_dir=is_state, others=others.append, unlisted=cannot_list):
             known = stored.get(os.path.relpath(path, self.root))
             if known is None or Identity.stat(path) != known.identity:
                 out.append(path)
         writers = files_open_for_write() if out else None
-        return [(path, _closed(path, writers)) for path in out], others
+        return [(path, _closed(path, writers)) for path in out], others, unlisted
 
 
 def _closed(path: str, writers: frozenset[tuple[int, int]] | None) -> bool:

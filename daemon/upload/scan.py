@@ -26,6 +26,7 @@ from daemon.upload.complete import Identity
 log = structlog.get_logger()
 
 SkipDir = Callable[[str], bool]
+Unlisted = Callable[[str, OSError], None]  # told each folder that cannot be listed, and why
 Other = Callable[[str], None]  # told the absolute path of each entry that is neither file nor folder
 
 # What a path holds. SYMLINK and NOT_REGULAR are also the FILES_SKIPPED reasons.
@@ -78,15 +79,23 @@ def kind_of(mode: int) -> tuple[str, str]:
     return NOT_REGULAR, what.get(stat.S_IFMT(mode), "block device")
 
 
-def scan(root: str, skip_dir: SkipDir = lambda relpath: False, others: Other | None = None) -> Iterator[str]:
+def scan(
+    root: str,
+    skip_dir: SkipDir = lambda relpath: False,
+    others: Other | None = None,
+    unlisted: Unlisted | None = None,
+) -> Iterator[str]:
     """Absolute paths of every regular file under root, recursively (os.scandir, no symlink following,
     directories for which skip_dir(relpath) is true are not entered; files vanishing mid-scan are fine).
-    Every other entry (a link to a file or a folder, a FIFO, a socket, a device) goes to `others`."""
+    Every other entry (a link to a file or a folder, a FIFO, a socket, a device) goes to `others`;
+    a folder that cannot be listed (EACCES), whose files are therefore unknown, to `unlisted`."""
     root = os.path.abspath(root)
-    return walk(root, root, skip_dir, others)
+    return walk(root, root, skip_dir, others, unlisted)
 
 
-def walk(root: str, top: str, skip_dir: SkipDir, others: Other | None = None) -> Iterator[str]:
+def walk(
+    root: str, top: str, skip_dir: SkipDir, others: Other | None = None, unlisted: Unlisted | None = None
+) -> Iterator[str]:
     """scan() of the subtree `top`, with skip_dir still judging paths relative to `root`. A `top`
     that is not a folder itself (watchdog reports a link to a folder as a folder) goes to `others`."""
     if top != root:
@@ -108,7 +117,10 @@ def walk(root: str, top: str, skip_dir: SkipDir, others: Other | None = None) ->
         except (FileNotFoundError, NotADirectoryError):
             continue  # deleted (checkpoint rotation) between listing its parent and now
         except OSError as e:
-            log.warning("cannot list folder", path=folder, error=str(e))
+            if unlisted is not None:
+                unlisted(folder, e)
+            else:
+                log.warning("cannot list folder", path=folder, error=str(e))
             continue
         for entry in entries:
             with contextlib.suppress(OSError):  # DirEntry may stat; the file may be gone by now

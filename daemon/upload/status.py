@@ -7,6 +7,7 @@ small protocol it needs (`not_ready`, `status`), never the engine.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from daemon.files import free_bytes
@@ -39,10 +40,11 @@ class UploadStatus:
         deadline: Deadline,
         tasks: Tasks,
         journal: Journal,
+        unlistable: Callable[[], dict[str, str]],
     ) -> None:
         self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
         self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
-        self.tasks, self.journal = tasks, journal
+        self.tasks, self.journal, self.unlistable = tasks, journal, unlistable
 
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
@@ -73,7 +75,7 @@ class UploadStatus:
                 for job, e in self.queue.failures()[:LISTED]
             ],
             "still_being_written": self.settler.still_writing()[:LISTED],
-            "failing_files": dict(sorted(self.settler.failures().items())[:LISTED]),
+            "failing_files": dict(sorted({**self.settler.failures(), **self.unlistable()}.items())[:LISTED]),
             "uploaded_files": self.uploader.stored_count,
             "last_errors": list(self.health.recent),
             "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,

@@ -337,6 +337,53 @@ def test_an_unreadable_file_does_not_stop_the_others_and_uploads_once_readable()
 # --- the issue's own scenario, on its own: poll mode, `ck/etc -> a folder outside` (defect 1) ---
 
 
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+@pytest.mark.parametrize("unlocked", [False, True], ids=["still-locked", "unlocked"])
+def test_a_folder_that_cannot_be_listed_keeps_its_checkpoint_uncommitted_and_is_named(mode: str, unlocked: bool):
+    """Files in a folder ckptd cannot list are files it cannot see, let alone tell complete: the
+    checkpoint must not commit without them, and the drain must say so (exit 4), not skip them."""
+    with open_folder("ckptd-unlistable-") as base:
+        ckpt, store, home = base / "ckpt", base / "store", base / "home"
+        for folder in (ckpt, store, home):
+            folder.mkdir()
+        give(ckpt, store, home)
+        hidden = ckpt / "checkpoint-1" / "hidden"
+        hidden.mkdir(parents=True)
+        give(ckpt / "checkpoint-1")
+        for path, data in ((ckpt / "checkpoint-1" / "model.bin", b"model"), (hidden / "shard.bin", b"shard")):
+            path.write_bytes(data)
+            give(path)
+        (ckpt / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1}')
+        give(ckpt / "checkpoint-1" / "trainer_state.json")
+        hidden.chmod(0o700)  # root's: nobody may not list it
+        port = free_port()
+        args = ["watch", "--storage", f"file://{store}", "--checkpoint-dir", str(ckpt), "--project", PROJECT]
+        args += ["--job-id", JOB, "--settle-time", "0.1", "--metrics-addr", f"127.0.0.1:{port}", "--watch-mode", mode]
+        args += ["--exit-when", str(base / "exit"), "--drain-timeout", "30", "--rescan-interval", "1"]
+        env = {**base_env(), "HOME": str(home), "PYTHONPATH": str(REPO)}
+        daemon = NobodyDaemon(args, env, base / "watch.log")
+        prefix = store / layout.rank_prefix(PROJECT, JOB, 0)
+        try:
+            daemon.wait_event("folder cannot be listed: its files cannot be uploaded")
+            wait_for((prefix / "checkpoint-1" / "trainer_state.json").exists, 30, "the visible files to be stored")
+            assert sample(scrape(port), "ckptd_upload_failures_total", reason="EACCES") == 1
+            if unlocked:
+                give(hidden, hidden / "shard.bin")  # now nobody's: the next scan lists it
+                wait_for((prefix / "checkpoint-1" / "hidden" / "shard.bin").exists, 30, "the hidden file to be stored")
+            (base / "exit").touch()
+            code, tail, drained = daemon.wait(60), daemon.tail(60), daemon.events("drained")
+        finally:
+            daemon.kill()
+        stored, manifests = read_store(store)
+    if unlocked:
+        assert code == 0, tail
+        assert set(manifests) == {"checkpoint-1"} and stored["checkpoint-1/hidden/shard.bin"] == b"shard"
+    else:
+        assert code == 4, tail
+        assert manifests == {}
+        assert "checkpoint-1/hidden/" in drained[0]["not_stored"]
+
+
 def test_poll_mode_stores_nothing_a_planted_link_points_at(tmp_path: Path):
     # Before the fix: the outside secret was stored as etc/secret.txt, and every file again under
     # loop/, loop/loop/, ... (40 levels deep).
