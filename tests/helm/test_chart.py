@@ -34,6 +34,11 @@ SCENARIOS = {
     "monitoring": MONITORING,
     "pytorchjob": {"workload": {"kind": "PyTorchJob", "nodes": 4}, "restore": {"enabled": True}},
     "jobset": {"workload": {"kind": "JobSet", "nodes": 4}, "restore": {"enabled": True}},
+    "file-store": {
+        "storage": {"url": "file:///shared/store"},
+        "extraVolumes": [{"name": "store", "persistentVolumeClaim": {"claimName": "nfs"}}],
+        "ckptd": {"volumeMounts": [{"name": "store", "mountPath": "/shared"}]},
+    },
     "ephemeral-volumes": {
         "restore": {"enabled": True, "volume": {"type": "ephemeral", "size": "1Ti"}},
         "checkpoints": {"volume": {"type": "ephemeral", "storageClassName": "nvme", "size": "2Ti"}},

@@ -187,3 +187,22 @@ def test_notes_tell_how_to_follow_the_uploads() -> None:
     assert "logs -f -l app.kubernetes.io/instance=demo -c ckptd" in notes
     assert "port-forward" in notes and "/status" in notes and "/metrics" in notes
     assert "terminationGracePeriodSeconds: 360" in notes
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "entrypoint"])
+def test_a_file_store_on_a_shared_volume_is_mounted_where_ckptd_writes(mode: str) -> None:
+    values = {
+        "mode": mode,
+        "storage": {"url": "file:///shared/store"},
+        "restore": {"enabled": True},
+        "extraVolumes": [{"name": "store", "persistentVolumeClaim": {"claimName": "team-nfs"}}],
+        "ckptd": {"volumeMounts": [{"name": "store", "mountPath": "/shared"}]},
+    }
+    spec = spec_of(values)
+    ckptd = ["ckptd-restore", "ckptd"] if mode == "sidecar" else [spec["containers"][0]["name"]]
+    for name in ckptd:
+        c = container(spec, name)
+        assert {"name": "store", "mountPath": "/shared"} in c["volumeMounts"], name
+        assert env_of(c)["CKPTD_STORAGE"] == "file:///shared/store"
+    if mode == "sidecar":
+        assert not any(m["name"] == "store" for m in trainer(spec)["volumeMounts"])

@@ -36,6 +36,9 @@ emptyDir:
   mountPath: {{ include "ckptd.credentialsDir" . }}
   readOnly: true
 {{- end }}
+{{- with .Values.ckptd.volumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "ckptd.probe" -}}
