@@ -46,10 +46,10 @@ trainer's rank-N and ckptd's rank-N/ prefix always agree.
 
 {{/* Only when loading is enabled: training code tells "no loading configured" by its absence. */}}
 {{- define "ckptd.env.restoreDir" -}}
-{{- if .Values.restore.enabled }}
+{{- if .Values.restore.enabled -}}
 - name: BT_LOAD_CHECKPOINT_DIR
   value: {{ .Values.restore.path | quote }}
-{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{- define "ckptd.env.leader" -}}

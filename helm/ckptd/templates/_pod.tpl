@@ -9,7 +9,7 @@ PyTorchJob's Worker replicas all run exactly this.
 ephemeral:
   volumeClaimTemplate:
     spec:
-      accessModes: {{ toYaml .accessModes | nindent 8 }}
+      accessModes: {{- toYaml .accessModes | nindent 8 }}
       {{- with .storageClassName }}
       storageClassName: {{ . | quote }}
       {{- end }}
@@ -60,7 +60,9 @@ failureThreshold: {{ .failureThreshold | default 3 }}
   args: ["restore"]
   env:
     {{- include "ckptd.env.identity" . | nindent 4 }}
-    {{- include "ckptd.env.restoreDir" . | indent 4 }}
+    {{- with include "ckptd.env.restoreDir" . }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- include "ckptd.env.ckptd" . | nindent 4 }}
     {{- include "ckptd.env.home" . | nindent 4 }}
     {{- with .Values.ckptd.env }}
@@ -72,8 +74,8 @@ failureThreshold: {{ .failureThreshold | default 3 }}
     - name: ckptd-tmp
       mountPath: /tmp
     {{- include "ckptd.mounts.ckptd" . | nindent 4 }}
-  resources: {{ toYaml (.Values.ckptd.restoreResources | default .Values.ckptd.resources) | nindent 4 }}
-  securityContext: {{ toYaml .Values.ckptd.securityContext | nindent 4 }}
+  resources: {{- toYaml (.Values.ckptd.restoreResources | default .Values.ckptd.resources) | nindent 4 }}
+  securityContext: {{- toYaml .Values.ckptd.securityContext | nindent 4 }}
 {{- end -}}
 
 {{- define "ckptd.container.sidecar" -}}
@@ -96,17 +98,17 @@ failureThreshold: {{ .failureThreshold | default 3 }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   # The trainer starts only once this passes (Kubernetes waits for a sidecar's startup probe).
-  startupProbe: {{ include "ckptd.probe" (dict "path" .Values.ckptd.startupProbe.path "probe" .Values.ckptd.startupProbe) | nindent 4 }}
-  livenessProbe: {{ include "ckptd.probe" (dict "path" "/healthz" "probe" .Values.ckptd.livenessProbe) | nindent 4 }}
-  readinessProbe: {{ include "ckptd.probe" (dict "path" "/readyz" "probe" .Values.ckptd.readinessProbe) | nindent 4 }}
+  startupProbe: {{- include "ckptd.probe" (dict "path" .Values.ckptd.startupProbe.path "probe" .Values.ckptd.startupProbe) | nindent 4 }}
+  livenessProbe: {{- include "ckptd.probe" (dict "path" "/healthz" "probe" .Values.ckptd.livenessProbe) | nindent 4 }}
+  readinessProbe: {{- include "ckptd.probe" (dict "path" "/readyz" "probe" .Values.ckptd.readinessProbe) | nindent 4 }}
   volumeMounts:
     - name: checkpoints
       mountPath: {{ .Values.checkpoints.path }}
     - name: ckptd-tmp
       mountPath: /tmp
     {{- include "ckptd.mounts.ckptd" . | nindent 4 }}
-  resources: {{ toYaml .Values.ckptd.resources | nindent 4 }}
-  securityContext: {{ toYaml .Values.ckptd.securityContext | nindent 4 }}
+  resources: {{- toYaml .Values.ckptd.resources | nindent 4 }}
+  securityContext: {{- toYaml .Values.ckptd.securityContext | nindent 4 }}
 {{- end -}}
 
 {{/* The user's command: as is in sidecar mode, as the arguments of ckptd's entrypoint otherwise. */}}
@@ -138,7 +140,9 @@ failureThreshold: {{ .failureThreshold | default 3 }}
   {{- end }}
   env:
     {{- include "ckptd.env.identity" . | nindent 4 }}
-    {{- include "ckptd.env.restoreDir" . | indent 4 }}
+    {{- with include "ckptd.env.restoreDir" . }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- include "ckptd.env.leader" . | nindent 4 }}
     {{- if $entrypoint }}
     {{- include "ckptd.env.ckptd" . | nindent 4 }}
@@ -152,7 +156,7 @@ failureThreshold: {{ .failureThreshold | default 3 }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with .Values.trainer.envFrom }}
-  envFrom: {{ toYaml . | nindent 4 }}
+  envFrom: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- $ports := .Values.trainer.ports }}
   {{- if eq .Values.workload.kind "PyTorchJob" }}
@@ -163,10 +167,10 @@ failureThreshold: {{ .failureThreshold | default 3 }}
   {{- $ports = prepend $ports (dict "name" "metrics" "containerPort" (int .Values.ckptd.metricsPort) "protocol" "TCP") }}
   {{- end }}
   {{- with $ports }}
-  ports: {{ toYaml . | nindent 4 }}
+  ports: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- if $entrypoint }}
-  readinessProbe: {{ include "ckptd.probe" (dict "path" "/readyz" "probe" .Values.ckptd.readinessProbe) | nindent 4 }}
+  readinessProbe: {{- include "ckptd.probe" (dict "path" "/readyz" "probe" .Values.ckptd.readinessProbe) | nindent 4 }}
   {{- end }}
   volumeMounts:
     - name: checkpoints
@@ -182,10 +186,10 @@ failureThreshold: {{ .failureThreshold | default 3 }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with .Values.trainer.resources }}
-  resources: {{ toYaml . | nindent 4 }}
+  resources: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.trainer.securityContext }}
-  securityContext: {{ toYaml . | nindent 4 }}
+  securityContext: {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
 
@@ -213,19 +217,19 @@ spec:
   shareProcessNamespace: {{ include "ckptd.shareProcessNamespace" . }}
   terminationGracePeriodSeconds: {{ include "ckptd.gracePeriod" . }}
   {{- with .Values.podSecurityContext }}
-  securityContext: {{ toYaml . | nindent 4 }}
+  securityContext: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.imagePullSecrets }}
-  imagePullSecrets: {{ toYaml . | nindent 4 }}
+  imagePullSecrets: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.nodeSelector }}
-  nodeSelector: {{ toYaml . | nindent 4 }}
+  nodeSelector: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.tolerations }}
-  tolerations: {{ toYaml . | nindent 4 }}
+  tolerations: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.affinity }}
-  affinity: {{ toYaml . | nindent 4 }}
+  affinity: {{- toYaml . | nindent 4 }}
   {{- end }}
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . | quote }}
