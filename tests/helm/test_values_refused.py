@@ -81,6 +81,10 @@ TEMPLATE_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         {"mode": "entrypoint", "trainer": {"command": [], "args": []}},
         "mode entrypoint: set trainer.command",
     ),
+    "entrypoint command named like a ckptd command": (
+        {"mode": "entrypoint", "trainer": {"command": ["ls", "-la"]}},
+        'the command starts with "ls", which ckptd\'s entrypoint takes for its own command',
+    ),
     "metrics on the leader's port": (
         {"ckptd": {"metricsPort": 29500}},
         "ckptd.metricsPort and workload.leaderPort are both 29500",

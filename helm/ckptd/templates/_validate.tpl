@@ -20,6 +20,10 @@ values and what to do.
 {{- if and (eq $v.mode "entrypoint") (not $v.trainer.command) (not $v.trainer.args) (not (hasKey $v.ckptd.config "start_commands")) -}}
 {{- fail "mode entrypoint: set trainer.command (the training command ckptd run starts) or ckptd.config.start_commands" -}}
 {{- end -}}
+{{- $first := first (concat $v.trainer.command $v.trainer.args | default (list "")) -}}
+{{- if and (eq $v.mode "entrypoint") (not $v.ckptd.extraArgs) (has $first (list "run" "watch" "restore" "ls" "inspect" "urls" "download" "prune" "version")) -}}
+{{- fail (printf "mode entrypoint: the command starts with %q, which ckptd's entrypoint takes for its own command; give its path (e.g. /usr/bin/%s) or run it through a shell" $first $first) -}}
+{{- end -}}
 {{- if eq (int $v.ckptd.metricsPort) (int $v.workload.leaderPort) -}}
 {{- fail (printf "ckptd.metricsPort and workload.leaderPort are both %d: the pod's containers share one network namespace" (int $v.ckptd.metricsPort)) -}}
 {{- end -}}
