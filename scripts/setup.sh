@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian tools the tests use, as "command:package" (installed only when missing).
-DEBIAN_TOOLS=("promtool:prometheus" "faketime:faketime")
+DEBIAN_TOOLS=("promtool:prometheus" "faketime:faketime" "buildah:buildah" "debootstrap:debootstrap")
 
 missing=()
 for entry in "${DEBIAN_TOOLS[@]}"; do
