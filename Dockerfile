@@ -38,7 +38,9 @@ LABEL org.opencontainers.image.title="ckptd" \
       org.opencontainers.image.revision="${REVISION}"
 COPY --from=build /opt/ckptd /opt/ckptd
 # A passwd entry for the numeric user (getpass, torch.compile and ssh want one) and `ckptd` on PATH
-# through a link: ckptd's venv is never put on PATH, its python would shadow the trainer's.
+# through a link: ckptd's venv is never put on PATH, its python would shadow the trainer's. As root:
+# some bases end with a USER of their own.
+USER 0:0
 RUN --mount=type=bind,source=packaging/add-user.sh,target=/tmp/add-user.sh \
     sh /tmp/add-user.sh "${CKPTD_UID}" "${CKPTD_GID}"
 USER ${CKPTD_UID}:${CKPTD_GID}

@@ -18,6 +18,7 @@ Run by the build stage's own `python3`, which is the interpreter bundled.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -191,9 +192,9 @@ def verify(dest: Path) -> None:
     )
     run(dest / "bin/python", "-I", "-c", check)
     run(dest / "bin/ckptd", "version")
-    dumb_init = dest / "bin/dumb-init"
-    if not is_elf(dumb_init):
+    if not is_elf(dest / "bin/dumb-init"):
         sys.exit("bundle: dumb-init is not the binary expected at bin/dumb-init")
+    print(f"bundle: runs on bases with glibc {platform.libc_ver()[1]} or newer (the builder's)", flush=True)
 
 
 if __name__ == "__main__":
