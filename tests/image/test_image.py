@@ -130,21 +130,34 @@ def test_sigterm_to_pid1_drains_and_passes_the_trainers_exit_code_through(traini
 
 
 GLIBC = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "libutil.so", "libresolv.so", "ld-linux")
-# What ckptd's interpreter maps once it has loaded what ckptd needs (OpenSSL, libffi, the wheels' C
-# extensions), run with -I as bin/ckptd's shebang runs it.
+# Every C module of ckptd's interpreter and of its wheels loads (a wheel that falls back to pure
+# Python when its extension fails, as frozenlist and multidict do, would hide a missing library), and
+# then the process maps no library from outside /opt/ckptd but glibc's. Run with -I, as bin/ckptd's
+# shebang runs it.
 PROBE = """
-import json, ssl, ctypes, lzma, bz2, sqlite3, uuid, sys, daemon.cli, uvloop, aiohttp, yaml, psutil, frozenlist
+import importlib, json, pathlib, sys, sysconfig
+loaded = []
+for tree in (sysconfig.get_path("platlib"), sysconfig.get_path("stdlib") + "/lib-dynload"):
+    for so in sorted(pathlib.Path(tree).rglob("*.so")):
+        parts = so.relative_to(tree).parts
+        if not any(p.endswith(".libs") for p in parts):
+            loaded.append(importlib.import_module(".".join([*parts[:-1], so.name.split(".")[0]])).__name__)
 maps = {line.split()[-1] for line in open("/proc/self/maps") if ".so" in line.split()[-1]}
-print(json.dumps({"path": sys.path, "prefix": sys.prefix, "libraries": sorted(maps), "ssl": ssl.OPENSSL_VERSION}))
+print(json.dumps({"path": sys.path, "prefix": sys.prefix, "modules": loaded, "libraries": sorted(maps)}))
 """
 
 
+# Libraries CPython's C modules and ckptd's wheels need beyond glibc (the image must bring its own).
+NEEDED = {"libssl", "libcrypto", "libffi", "libz", "libexpat", "liblzma", "libbz2", "libsqlite3", "libuuid"}
+NEEDED |= {"libstdc++", "libgcc_s"}
+
+
 def remove_python_and_bundled_libraries(root: Path) -> set[str]:
-    """Leave the base without any Python and without each library the image bundles."""
+    """Leave the base without any Python, those libraries and any other library the image bundles."""
     doomed = [*root.glob("usr/bin/python*"), *root.glob("usr/lib/python3*"), *root.glob("usr/local/lib/python3*")]
-    for bundled in (root / "opt/ckptd/python/lib").glob("lib*.so*"):
-        stem = bundled.name.split(".so")[0] + ".so"
-        doomed += [*root.glob(f"usr/lib/*/{stem}*"), *root.glob(f"usr/lib/{stem}*")]
+    bundled = {lib.name.split(".so")[0] for lib in (root / "opt/ckptd/python/lib").glob("lib*.so*")}
+    for stem in NEEDED | bundled:
+        doomed += [*root.glob(f"usr/lib/*/{stem}.so*"), *root.glob(f"usr/lib/{stem}.so*")]
     for path in doomed:
         if path.is_dir() and not path.is_symlink():
             subprocess.run(["rm", "-rf", str(path)], check=True)
@@ -155,7 +168,7 @@ def remove_python_and_bundled_libraries(root: Path) -> set[str]:
 
 def test_ckptd_needs_neither_the_bases_python_nor_its_libraries(container: Container, tmp_path):
     removed = remove_python_and_bundled_libraries(container.rootfs)
-    assert {"python3", "libssl.so.3", "libcrypto.so.3", "libffi.so.8", "libstdc++.so.6"} <= removed
+    assert {"python3", "libssl.so.3", "libffi.so.8", "libstdc++.so.6"} <= removed, "the base had them"
 
     # The trainer's Python settings must not reach ckptd's interpreter (-I in bin/ckptd's shebang):
     # each of these would stop a ckptd that honoured them.
@@ -172,6 +185,7 @@ def test_ckptd_needs_neither_the_bases_python_nor_its_libraries(container: Conta
     assert probe.wait() == 0, probe.output()
     seen = json.loads(probe.output().splitlines()[-1])
     assert seen["prefix"] == "/opt/ckptd"
+    assert {"_ssl", "_ctypes", "uvloop.loop", "frozenlist._frozenlist"} <= set(seen["modules"])
     assert [p for p in seen["path"] if not p.startswith("/opt/ckptd/")] == []
     foreign = [lib for lib in seen["libraries"] if not lib.startswith("/opt/ckptd/")]
     assert [lib for lib in foreign if not os.path.basename(lib).startswith(GLIBC)] == [], "only glibc from the base"
