@@ -180,7 +180,14 @@ def test_ckptd_needs_neither_the_bases_python_nor_its_libraries(container: Conta
     assert version.wait() == 0, version.output()
     assert version.output().startswith(f"ckptd {daemon.__version__}")
 
-    probe = container.start(["-I", "-c", PROBE], entrypoint=["/opt/ckptd/bin/python"], env={}, volumes={},
+    # A CUDA image's LD_LIBRARY_PATH with its own builds of these libraries (here: not even ELF files)
+    # must not displace the bundled ones: DT_RPATH is searched first.
+    trainer_libs = container.rootfs / "opt/trainer-libs"
+    trainer_libs.mkdir()
+    for name in ("libssl.so.3", "libcrypto.so.3", "libffi.so.8", "libz.so.1", "libstdc++.so.6"):
+        (trainer_libs / name).write_text("not a library\n")
+    hostile = {"LD_LIBRARY_PATH": "/opt/trainer-libs"}
+    probe = container.start(["-I", "-c", PROBE], entrypoint=["/opt/ckptd/bin/python"], env=hostile, volumes={},
                             log=tmp_path / "probe.log")  # fmt: skip
     assert probe.wait() == 0, probe.output()
     seen = json.loads(probe.output().splitlines()[-1])
