@@ -7,15 +7,10 @@ restores the latest checkpoint and resumes from it."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.helm.charts import render
 from tests.helm.podsim import Image, Pod, PodRun
@@ -66,15 +61,6 @@ def images(docs: list[dict[str, Any]]) -> dict[str, Image]:
         files={"/workspace/train.py": str(Path(__file__).with_name("pod_trainer.py"))}, env=base_env
     )
     return out
-
-
-@pytest.fixture
-def pod_root() -> Iterator[Path]:
-    # Not under pytest's 0700 folder: the containers run as the users the manifest names.
-    root = Path(tempfile.mkdtemp(prefix="ckptd-pod-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def run_pod(docs: list[dict[str, Any]], root: Path, bucket: Any) -> tuple[PodRun, dict[str, Any]]:
