@@ -43,6 +43,8 @@ UNSHARE = ["unshare", "--mount", "--propagation", "private"]
 class PodFailed(AssertionError):
     """The pod would not have succeeded on a node; the message says which container and why."""
 
+    run: PodRun | None = None
+
 
 @dataclass
 class Container:
@@ -107,6 +109,9 @@ class Pod:
             for m in mains:
                 self._wait(m, main_timeout, run)
             run.events.append("main containers exited")
+        except PodFailed as failed:
+            failed.run = run  # what had happened by then, for the test to look at
+            raise
         finally:
             prober.stop()
             self._terminate_sidecars(run)

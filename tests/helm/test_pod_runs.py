@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helm.charts import render
-from tests.helm.podsim import Image, Pod, PodRun
+from tests.helm.podsim import Image, Pod, PodFailed, PodRun
 from tests.helm.podvolumes import Volumes
 from tests.servers import free_port, isolated_aws_env
 
@@ -123,3 +125,12 @@ def test_a_pod_trains_and_stores_then_the_next_pod_restores_and_resumes(moto_buc
     assert report["wrote"] == ["checkpoint-3", "checkpoint-4"]
     assert second.containers["ckptd"].exit_code == 0
     assert "rank-0/checkpoint-4/trainer_state.json" in stored(moto_bucket, info2["job_id"])
+
+
+def test_a_required_reference_that_matches_nothing_stops_the_pod_before_training(moto_bucket, pod_root):
+    values = pod_values(moto_bucket, free_port())
+    values["restore"]["required"] = True
+    with pytest.raises(PodFailed, match="init container ckptd-restore exited 3") as failed:
+        run_pod(render(values, name="train"), pod_root, moto_bucket)
+    events = failed.value.run.events
+    assert events == ["ckptd-restore started", "ckptd-restore exited 3"], events
