@@ -30,6 +30,19 @@ def bind(source_fd: int, target: str, read_only: bool) -> None:
         mount("none", target, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
 
+def reexpose(path: str, fd: int) -> None:
+    """A checkout under /tmp (a CI clone) is hidden by a volume mounted at /tmp; the image's files
+    (ckptd, the trainer's script) live there, so put that folder back where it was."""
+    try:
+        if os.path.samestat(os.stat(path), os.fstat(fd)):
+            return
+    except FileNotFoundError:
+        pass
+    os.makedirs(path, exist_ok=True)
+    mount(f"/proc/self/fd/{fd}", path, MS_BIND)
+    os.close(fd)
+
+
 def read_only_root(targets: set[str]) -> None:
     with open("/proc/self/mounts") as f:
         points = [line.split()[1].replace("\\040", " ") for line in f]
@@ -48,15 +61,18 @@ def main() -> None:
     argv = sys.argv[2:]
     mounts = sorted(plan["mounts"], key=lambda m: m["target"].count("/"))  # parents before children
     sources = [os.open(m["source"], os.O_PATH) for m in mounts]
+    kept = [(path, os.open(path, os.O_PATH)) for path in plan["keep"]]
     # Volumes first: a bind mount takes the read-only flag of the mount its source lies on.
     for m, fd in zip(mounts, sources, strict=True):
         bind(fd, m["target"], m["read_only"])
         os.close(fd)
     # The host's tree stands in for the image's; it must not take the container's writes. Where the
     # image would be writable, /tmp gets a private tmpfs; any other path no volume provides fails.
-    read_only_root({m["target"] for m in mounts})
     if plan["private_tmp"]:
         mount("tmpfs", "/tmp", 0, "tmpfs")
+    for path, fd in kept:
+        reexpose(path, fd)
+    read_only_root({m["target"] for m in mounts} | ({"/tmp"} if plan["private_tmp"] else set()))
     user = plan["user"]
     os.setgroups(user["groups"])
     os.setgid(user["gid"])

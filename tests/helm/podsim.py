@@ -38,6 +38,8 @@ from tests.helm.podvolumes import Volumes
 
 LAUNCHER = Path(__file__).with_name("container.py")
 UNSHARE = ["unshare", "--mount", "--propagation", "private"]
+# What stands in for the images' files: this checkout, its venv and the interpreter that venv uses.
+KEEP = sorted({str(Path(__file__).resolve().parents[2]), sys.prefix, os.path.realpath(sys.base_prefix)})
 
 
 class PodFailed(AssertionError):
@@ -171,6 +173,7 @@ class Pod:
         self._make_mount_points(mounts)
         plan = {
             "mounts": mounts,
+            "keep": KEEP,
             "private_tmp": not _security(self.spec, spec).get("readOnlyRootFilesystem")
             and not any(m["target"] == "/tmp" for m in mounts),
             "workdir": spec.get("workingDir", "/"),
