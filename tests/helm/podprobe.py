@@ -55,7 +55,7 @@ class Prober:
                     raise ProbeError(f"{c.name} exited {code} before its {kind} passed:\n{c.logs()[-3000:]}")
                 if time.monotonic() > deadline:
                     raise ProbeError(f"{c.name}: {kind} {url} did not pass within {timeout} s:\n{c.logs()[-3000:]}")
-                time.sleep(0.1)
+                time.sleep(0.1)  # polling interval; the deadline above bounds the wait
             self.events.append(f"{c.name} {kind} passed")
 
     def watch_liveness(self, c: Any) -> None:
