@@ -19,24 +19,34 @@ from typing import NoReturn
 
 from daemon import __version__, exits, logs
 from daemon.config import SPECS, Config, ConfigError, load
-from daemon.config.schema import COMMON, RESTORE, SERVE, STORAGE, SUPERVISE, UPLOAD, default_of
+from daemon.config.schema import (
+    COMMON,
+    DOWNLOAD,
+    RESTORE,
+    RETENTION,
+    SERVE,
+    STORAGE,
+    SUPERVISE,
+    UPLOAD,
+    default_of,
+)
 
 # command: (groups of setting flags it takes, one-line help)
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "run": (
-        (COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE),
+        (COMMON, STORAGE, UPLOAD, RETENTION, RESTORE, SUPERVISE, SERVE),
         "entrypoint: restore, launch the start commands (or CMD after --), upload alongside, drain, exit",
     ),
     "watch": (
-        (COMMON, STORAGE, UPLOAD, SERVE),
+        (COMMON, STORAGE, UPLOAD, RETENTION, SERVE),
         "sidecar: upload completed files until SIGTERM/SIGINT or --exit-when, then drain and exit",
     ),
     "restore": ((COMMON, STORAGE, RESTORE), "init container: restore the configured checkpoints, then exit"),
     "ls": ((COMMON, STORAGE), "browse projects, jobs, checkpoints and files"),
     "inspect": ((COMMON, STORAGE), "tensor summary of a stored .safetensors file (header only)"),
     "urls": ((COMMON, STORAGE), "presigned download URLs of a job's checkpoint files, as JSON"),
-    "download": ((COMMON, STORAGE), "fetch stored files matching wildcards into a folder"),
-    "prune": ((COMMON, STORAGE), "delete old checkpoints by retention rules (dry run unless --yes)"),
+    "download": ((COMMON, STORAGE, DOWNLOAD), "fetch stored files matching wildcards into a folder"),
+    "prune": ((COMMON, STORAGE, RETENTION), "delete old checkpoints by retention rules (dry run unless --yes)"),
     "version": ((), "print the version"),
 }
 
@@ -102,28 +112,42 @@ def _add_setting_flags(p: argparse.ArgumentParser, groups: Sequence[str]) -> Non
 
 
 def _add_command_arguments(command: str, p: argparse.ArgumentParser) -> None:
-    data_output = command in ("ls", "inspect", "urls", "prune", "version", "restore")
-    if data_output:
+    if command in ("ls", "inspect", "urls", "download", "prune", "version", "restore"):
         p.add_argument("--json", action="store_true", help="print data as JSON")
     if command == "run":
         p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="training command")
     elif command == "watch":
         p.add_argument("--exit-when", metavar="PATH", help="drain and exit once this path exists")
     elif command == "ls":
-        p.add_argument("--checkpoint", help="list the files of this checkpoint")
+        p.add_argument("--checkpoint", metavar="C", help="list the files of this checkpoint ('latest' works)")
+        p.add_argument("--sort", metavar="FIELD", help="sort by this column or metric (default: by creation/step)")
+        p.add_argument("--reverse", action="store_true", help="reverse the order")
+        p.add_argument("--limit", type=_positive, metavar="N", help="show the first N rows only")
     elif command == "inspect":
-        p.add_argument("path", help="stored path of a .safetensors file, e.g. rank-0/checkpoint-10/model.safetensors")
+        p.add_argument(
+            "path",
+            metavar="PATH",
+            help="stored path of a .safetensors file (rank-0/checkpoint-10/model.safetensors), or of a checkpoint "
+            "(rank-0/checkpoint-10/, checkpoint-10 for every rank) to sum up its .safetensors files",
+        )
     elif command == "urls":
-        p.add_argument("--expires", default="7d", help="URL lifetime, at most 7d (default: 7d)")
+        p.add_argument("--expires", default="7d", metavar="DURATION", help="URL lifetime, at most 7d (default: 7d)")
+        p.add_argument("--output", metavar="FILE", help="write the JSON here (default: ckptd-urls-{job_id}.json)")
     elif command == "download":
-        p.add_argument("--path", nargs="+", required=True, metavar="GLOB", help="e.g. 'rank-*/checkpoint-10/'")
-        p.add_argument("--to", required=True, metavar="DIR", help="files land in DIR/{job_id}/rank-N/...")
+        p.add_argument("--path", nargs="+", metavar="GLOB", help="with --job: e.g. 'rank-*/checkpoint-10/'")
     elif command == "prune":
-        p.add_argument("--keep-last", type=int, metavar="N", help="keep the N most recent checkpoints")
-        p.add_argument("--keep-best", type=int, metavar="K", help="keep the K best checkpoints by --metric")
-        p.add_argument("--metric", help="evaluation metric from trainer_state.json, e.g. eval_loss")
-        p.add_argument("--mode", choices=("min", "max"), default="min", help="which end of --metric is best")
-        p.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
+        p.add_argument("--all", action="store_true", help="delete the whole job (with --job and --yes)")
+        p.add_argument("--yes", action="store_true", help="really delete (default: print the plan only)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def print_version(as_json: bool) -> int:
@@ -141,14 +165,6 @@ def print_version(as_json: bool) -> int:
     return exits.OK
 
 
-def _not_yet(command: str) -> Callable[[Config, argparse.Namespace], int]:
-    def run(config: Config, args: argparse.Namespace) -> int:
-        print(f"ckptd {command}: not available yet in ckptd {__version__}", file=sys.stderr)
-        return exits.UNAVAILABLE
-
-    return run
-
-
 def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
     def run(config: Config, args: argparse.Namespace) -> int:
         module = importlib.import_module(f"daemon.commands.{name}")  # heavy imports only when used
@@ -157,8 +173,7 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
     return run
 
 
-HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _not_yet(c) for c in COMMANDS}
-HANDLERS.update({name: _command(name) for name in ("run", "watch", "restore")})
+HANDLERS: dict[str, Callable[[Config, argparse.Namespace], int]] = {c: _command(c) for c in COMMANDS if c != "version"}
 
 
 def _redacting_excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:

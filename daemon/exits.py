@@ -3,10 +3,11 @@
 | code    | meaning                                                              |
 |---------|----------------------------------------------------------------------|
 | 0       | success (`run`: the trainer's 0 and every file stored)               |
-| 1       | the command is not available in this version                         |
+| 1       | a browsing command failed: an unknown project, job or checkpoint, a store error |
 | 2       | configuration error: nothing was started                             |
 | 3       | a required restore failed: training was not started                  |
 | 4       | not every complete file was stored (`run`: though training succeeded) |
+| 5       | `prune` without `--yes`: the plan would delete checkpoints; nothing was deleted |
 | 126/127 | a start command could not be executed / was not found (the shell's)  |
 | 128+N   | the trainer died of signal N, or ckptd was stopped by it             |
 | other   | the trainer's own exit code                                          |
@@ -15,10 +16,11 @@
 from __future__ import annotations
 
 OK = 0
-UNAVAILABLE = 1
+FAILED = 1
 CONFIG = 2
 RESTORE = 3
 NOT_STORED = 4
+PLANNED = 5
 NOT_EXECUTABLE = 126
 NOT_FOUND = 127
 

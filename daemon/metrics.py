@@ -57,6 +57,10 @@ LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last commi
 RESTORE_BYTES = Counter("ckptd_restore_bytes", "Bytes restored", registry=REGISTRY)
 RESTORE_FILES = Counter("ckptd_restore_files", "Files restored", registry=REGISTRY)
 RESTORE_DURATION = Gauge("ckptd_restore_duration_seconds", "Duration of the last restore", registry=REGISTRY)
+PRUNED_CHECKPOINTS = Counter(
+    "ckptd_pruned_checkpoints", "Checkpoints deleted from storage by the retention policy", registry=REGISTRY
+)
+PRUNED_BYTES = Counter("ckptd_pruned_bytes", "Bytes deleted from storage by the retention policy", registry=REGISTRY)
 TRAINER_RUNNING = Gauge("ckptd_trainer_running", "1 while the start commands run", registry=REGISTRY)
 
 

@@ -38,16 +38,25 @@ log = structlog.get_logger()
 
 
 def trainer_env(c: Config, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of SPEC §3: where to write, where restored checkpoints are, who we are."""
-    return {
+    """The environment of SPEC §3: where to write, where restored checkpoints are, who we are.
+
+    BT_LOAD_CHECKPOINT_DIR only when loading is enabled: the reference docs' training code takes
+    its "no checkpoint loading configured" branch by its absence, and would otherwise look for
+    checkpoints in a folder nobody filled. ckptd owns the variable, so an inherited one goes too.
+    """
+    env = {
         **base,
         "BT_CHECKPOINT_DIR": c.checkpoint_dir,
-        "BT_LOAD_CHECKPOINT_DIR": c.restore_dir,
         "BT_NODE_RANK": str(c.node_rank),
         "BT_GROUP_SIZE": str(c.group_size),
         "BT_TRAINING_JOB_ID": c.job_id,
         "BT_TRAINING_PROJECT_NAME": c.project,
     }
+    if c.restore_enabled:
+        env["BT_LOAD_CHECKPOINT_DIR"] = c.restore_dir
+    else:
+        env.pop("BT_LOAD_CHECKPOINT_DIR", None)
+    return env
 
 
 def commands_of(c: Config, argv: Sequence[str]) -> list[list[str]]:

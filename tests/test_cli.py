@@ -97,8 +97,3 @@ def test_every_command_validates_settings_first(command):
 def test_flag_usage_errors_exit_2():
     out = ckptd("prune", "--mode", "sideways")
     assert out.returncode == 2 and "--mode" in out.stderr
-
-
-def test_commands_of_later_releases_say_so(tmp_path):
-    out = ckptd("ls", "--storage", f"file://{tmp_path}")
-    assert out.returncode == 1 and "not available yet" in out.stderr

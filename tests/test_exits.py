@@ -17,10 +17,11 @@ KIND = "unit"
     "code, constant",
     [
         (0, exits.OK),
-        (1, exits.UNAVAILABLE),
+        (1, exits.FAILED),
         (2, exits.CONFIG),
         (3, exits.RESTORE),
         (4, exits.NOT_STORED),
+        (5, exits.PLANNED),
         (126, exits.NOT_EXECUTABLE),
         (127, exits.NOT_FOUND),
     ],

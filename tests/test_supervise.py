@@ -144,6 +144,16 @@ async def test_the_trainer_has_its_own_session_and_group_and_the_bt_environment(
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bt_load_checkpoint_dir_is_given_only_when_loading_is_enabled(tmp_path: Path, enabled: bool):
+    # The reference docs' training code tells "no loading configured" by the variable's absence.
+    c = config(tmp_path, "file:///tmp/x", restore_enabled=str(enabled).lower(), restore_dir=str(tmp_path / "loaded"))
+    env = trainer_env(c, {"BT_LOAD_CHECKPOINT_DIR": "/inherited", "KEPT": "yes"})
+    assert env.get("BT_LOAD_CHECKPOINT_DIR") == (str(tmp_path / "loaded") if enabled else None)
+    assert env["KEPT"] == "yes" and env["BT_CHECKPOINT_DIR"] == c.checkpoint_dir
+
+
+@pytest.mark.unit
 def test_commands_of_prefers_the_command_line_else_each_start_command_through_sh(tmp_path: Path):
     c = dataclasses.replace(config(tmp_path, "file:///tmp/x"), start_commands=("echo a", "python train.py"))
     assert commands_of(c, ["torchrun", "train.py"]) == [["torchrun", "train.py"]]

@@ -19,9 +19,9 @@ from daemon.catalog import layout
 from daemon.catalog.jsonio import json_bytes, read_object, utc_now
 from daemon.storage import Storage
 
-RUNNING, COMPLETED, FAILED = "RUNNING", "COMPLETED", "FAILED"
+RUNNING, COMPLETED, FAILED, STOPPED = "RUNNING", "COMPLETED", "FAILED", "STOPPED"
 SYNCING = "SYNCING"
-STATUSES = (RUNNING, COMPLETED, FAILED)
+STATUSES = (RUNNING, COMPLETED, FAILED, STOPPED)
 SYNC_STATUSES = (SYNCING, COMPLETED)
 _STATUS_NAME = re.compile(r"rank-(0|[1-9][0-9]*)\.json")
 
@@ -110,18 +110,24 @@ def derive_status(statuses: Sequence[dict[str, Any]], group_size: int | None) ->
     "all" means every reporting rank, and at least `group_size` of them (at least one when the
     group size is unknown): a rank that never reported is still starting, not done.
 
-    | any FAILED | all status COMPLETED | all sync COMPLETED | current_status | checkpoint_sync_status |
-    |------------|----------------------|--------------------|----------------|------------------------|
-    | yes        | any                  | no                 | FAILED         | SYNCING                |
-    | yes        | any                  | yes                | FAILED         | COMPLETED              |
-    | no         | yes                  | yes                | COMPLETED      | COMPLETED              |
-    | no         | yes                  | no                 | COMPLETED      | SYNCING                |
-    | no         | no                   | yes                | RUNNING        | COMPLETED              |
-    | no         | no                   | no                 | RUNNING        | SYNCING                |
+    | any FAILED | any STOPPED | all status COMPLETED | all sync COMPLETED | current_status | checkpoint_sync_status |
+    |------------|-------------|----------------------|--------------------|----------------|------------------------|
+    | yes        | any         | any                  | no                 | FAILED         | SYNCING                |
+    | yes        | any         | any                  | yes                | FAILED         | COMPLETED              |
+    | no         | yes         | no                   | any                | STOPPED        | (as sync says)         |
+    | no         | no          | yes                  | yes                | COMPLETED      | COMPLETED              |
+    | no         | no          | yes                  | no                 | COMPLETED      | SYNCING                |
+    | no         | no          | no                   | yes                | RUNNING        | COMPLETED              |
+    | no         | no          | no                   | no                 | RUNNING        | SYNCING                |
+
+    STOPPED: a rank was told to stop (a stop signal, a pod deleted) before its trainer finished;
+    a failure elsewhere is the bigger news.
     """
     everyone = len(statuses) >= max(group_size or 1, 1)
     if any(s["status"] == FAILED for s in statuses):
         current = FAILED
+    elif any(s["status"] == STOPPED for s in statuses):
+        current = STOPPED
     elif everyone and all(s["status"] == COMPLETED for s in statuses):
         current = COMPLETED
     else:

@@ -97,7 +97,8 @@ async def run(c: Config, argv: list[str]) -> int:
             log.info("training finished", exit_code=status, succeeded=status == exits.OK)
             if status == exits.OK and not finished:
                 log.warning("the trainer exited 0 but left processes running: no final commit without a marker")
-            report = await engine.shutdown(status, success=finished) if engine else Report()
+            stopped = signals.first_stop is not None
+            report = await engine.shutdown(status, success=finished, stopped=stopped) if engine else Report()
     code = exits.of_run(status, report.ok)
     if code != status:
         log.error(

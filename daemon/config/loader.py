@@ -42,17 +42,22 @@ def load(
     from_file = read_config_file(path) if path else {}
     values: dict[str, Any] = {}
     explicit: set[str] = set()
+    outside_file: set[str] = set()
     for name, spec in SPECS.items():
         raw, source = _pick(name, spec, flags, env, from_file, path)
         if source is None:
             values[name] = default_of(spec, env)
             continue
         explicit.add(name)
+        if not source.startswith("config file"):
+            outside_file.add(name)
         try:
             values[name] = spec.parse(raw)
         except (ValueError, TypeError, OverflowError) as e:
             raise ConfigError(_label(spec), f"{e} (from {source})") from None
-    config = Config(**values)
+    if "checkpoints" in outside_file and "restore_enabled" not in explicit:
+        values["restore_enabled"] = True  # `--load REF` asks for a restore; a config file says so itself
+    config = Config(**values, explicit=frozenset(explicit))
     _check_together(config, explicit)
     return config
 
@@ -209,7 +214,22 @@ def _check_together(c: Config, explicit: set[str]) -> None:
         raise ConfigError(_label(SPECS["s3_sse_kms_key_id"]), "is only used with storage.sse: sse-kms")
     if c.s3_ca_bundle and not os.path.isfile(c.s3_ca_bundle):
         raise ConfigError(_label(SPECS["s3_ca_bundle"]), f"{c.s3_ca_bundle} is not a readable file")
+    _check_retention(c)
     named = [r.checkpoint_name for r in c.checkpoints if r.checkpoint_name]
     duplicate = next((n for n in named if named.count(n) > 1), None)
     if duplicate:
         raise ConfigError(_label(SPECS["checkpoints"]), f"two references would land on rank-N/{duplicate}/")
+
+
+def _check_retention(c: Config) -> None:
+    if c.keep_best is not None and c.metric is None:
+        raise ConfigError(
+            _label(SPECS["metric"]), f"required by retention.keep_best {c.keep_best}: which metric ranks?"
+        )
+    if c.metric is not None and c.keep_best is None:
+        raise ConfigError(_label(SPECS["keep_best"]), f"required with retention.metric {c.metric}: keep how many?")
+    if c.prune_enabled and not (c.keep_last or c.keep_best or c.keep_every_steps):
+        raise ConfigError(
+            _label(SPECS["prune_enabled"]),
+            "needs at least one rule: retention.keep_last, retention.keep_best or retention.keep_every_steps",
+        )

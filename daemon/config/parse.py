@@ -7,6 +7,7 @@ name, so messages here describe only the value.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -103,6 +104,25 @@ def absolute_path(value: Any) -> str:
         # Often a trailing newline from a mounted file; a NUL would fail every system call later.
         raise ValueError(f"control characters (newline, tab, NUL...) are not accepted in a path, got {show(s)}")
     return str(PurePosixPath(s))
+
+
+def local_path(value: Any) -> str:
+    """A folder on this machine; a relative one (from a flag) is taken from the current folder."""
+    s = text(value)
+    if not s or _CONTROL.search(s):
+        raise ValueError(f"expected a folder path without control characters, got {show(s)}")
+    return os.path.abspath(s)
+
+
+_METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]{0,127}")
+
+
+def metric_name(value: Any) -> str:
+    """A metric as trainer_state.json names it (eval_loss, eval/accuracy)."""
+    s = text(value)
+    if not _METRIC.fullmatch(s):
+        raise ValueError(f"expected a metric name such as eval_loss, got {show(s)}")
+    return s
 
 
 def storage_url(value: Any) -> str:

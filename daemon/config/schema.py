@@ -13,17 +13,20 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from daemon.config import parse
+from daemon.config.artifacts import ArtifactRef, parse_artifact_refs
 from daemon.config.refs import CheckpointRef, parse_refs
 from daemon.storage.options import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SIGNING, SSE_MODES
 
 # Flag groups: each command offers the flags of the groups it uses (see cli.py).
 COMMON, STORAGE, UPLOAD, RESTORE, SUPERVISE, SERVE = "common", "storage", "upload", "restore", "run", "serve"
+RETENTION, DOWNLOAD = "retention", "download"
 
 MiB = 1 << 20
 # S3 limits: a single PUT and a part both hold at most 5 GiB.
 MAX_PUT = 5 << 30
 # Kubernetes' limit on an indexed Job's completions; no training job has more nodes.
 MAX_NODES = 100_000
+_COUNT = parse.optional(parse.integer(1, 10**9))
 # Temporary names: suffixes, editors' files, HF's tmp-checkpoint-N folder, ckptd's own state, and
 # Rust's tempfile crate (".tmp" + 6 characters: safetensors and tokenizers write then rename).
 DEFAULT_IGNORE = (
@@ -150,6 +153,9 @@ class Config:
     min_free_bytes: int = setting("upload.min_free_bytes", 0, "Opt-in: remove local copies of older committed "
                                   "checkpoints to keep this much free; 0 is off.", parse.size(0), UPLOAD,
                                   "--min-free-bytes", ("CKPTD_MIN_FREE_BYTES",))
+    prune_enabled: bool = setting("retention.enabled", False, "Opt-in: apply the retention rules to this job's "
+                                  "stored checkpoints after each commit.", parse.boolean, UPLOAD, "--prune",
+                                  ("CKPTD_PRUNE",))
     drain_timeout: float = setting("drain_timeout", 300.0, "How long to keep uploading after training ends.",
                                    parse.duration(), UPLOAD, "--drain-timeout", ("CKPTD_DRAIN_TIMEOUT",))
     # --- restore
@@ -160,6 +166,26 @@ class Config:
                                ("BT_LOAD_CHECKPOINT_DIR",))
     checkpoints: tuple[CheckpointRef, ...] = setting("load_checkpoint_config.checkpoints", (), "Checkpoint "
                                                      "references to restore (config file only).", parse_refs, RESTORE)
+    # --- retention: `ckptd prune`, and during training with retention.enabled
+    keep_last: int | None = setting("retention.keep_last", None, "Keep the N most recent committed checkpoints.",
+                                    _COUNT, RETENTION, "--keep-last", ("CKPTD_KEEP_LAST",))
+    keep_best: int | None = setting("retention.keep_best", None, "Keep the K best committed checkpoints by "
+                                    "retention.metric.", _COUNT, RETENTION, "--keep-best", ("CKPTD_KEEP_BEST",))
+    metric: str | None = setting("retention.metric", None, "Manifest metric that ranks checkpoints, e.g. eval_loss.",
+                                 parse.optional(parse.metric_name), RETENTION, "--metric", ("CKPTD_METRIC",))
+    mode: str = setting("retention.mode", "min", "Which end of the metric is best.", parse.choice("min", "max"),
+                        RETENTION, "--mode", ("CKPTD_METRIC_MODE",))
+    keep_every_steps: int | None = setting("retention.keep_every_steps", None, "Keep every checkpoint whose step is "
+                                           "a multiple of S.", _COUNT, RETENTION, "--keep-every-steps",
+                                           ("CKPTD_KEEP_EVERY_STEPS",))
+    # --- download (the reference's serving config)
+    download_folder: str = setting("training_checkpoints.download_folder", "/tmp/training_checkpoints", "Folder "
+                                   "`download` writes to, as DIR/{job_id}/rank-N/....", parse.local_path, DOWNLOAD,
+                                   "--to", ("CKPTD_DOWNLOAD_FOLDER",))
+    artifact_references: tuple[ArtifactRef, ...] = setting("training_checkpoints.artifact_references", (), "What "
+                                                           "`download` fetches: [{training_job_id, paths}] (config "
+                                                           "file; or --job with --path).", parse_artifact_refs,
+                                                           DOWNLOAD)
     # --- supervision
     start_commands: tuple[str, ...] = setting("start_commands", (), "Shell commands run in order (or give CMD "
                                               "after --).", parse.command_list, SUPERVISE)
@@ -167,11 +193,13 @@ class Config:
                                   "later.", parse.duration(), SUPERVISE, "--stop-timeout", ("CKPTD_STOP_TIMEOUT",))
     metrics_addr: tuple[str, int] = setting("metrics_addr", "0.0.0.0:9477", "Metrics and health listen address.",
                                             parse.listen_address, SERVE, "--metrics-addr", ("CKPTD_METRICS_ADDR",))
+    # Not a setting: the settings given by a flag, the environment or the config file, not defaulted.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
 # fmt: on
 
 
-SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(Config)}
+SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(Config) if "spec" in f.metadata}
 BY_KEY: dict[str, str] = {spec.key: name for name, spec in SPECS.items()}
 
 

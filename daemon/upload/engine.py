@@ -191,13 +191,14 @@ class Engine:
             self.tracker.noticed(pin.relpath, now)
             self.queue.put(Job(pin, self.key(pin.relpath)))
 
-    async def shutdown(self, exit_code: int | None = None, *, success: bool = False) -> Report:
+    async def shutdown(self, exit_code: int | None = None, *, success: bool = False, stopped: bool = False) -> Report:
         """Final scan, drain until the deadline, commit, record, then cancel what is left.
 
         `exit_code` is the trainer's (None in sidecar mode) and goes into the job metadata.
         `success` is positive evidence that the writer finished (the trainer's exit 0, the
         `--exit-when` file): only then do checkpoints without a marker commit. A stop signal is
-        no such evidence: a save it interrupted must not become "latest" (SPEC §4).
+        no such evidence: a save it interrupted must not become "latest" (SPEC §4). `stopped`: the
+        trainer was told to stop (a stop signal), so the job's status is STOPPED unless it succeeded.
         """
         self.deadline.start(self.c.drain_timeout)
         log.info("draining", deadline_seconds=round(self.deadline.at - time.monotonic(), 3))
@@ -224,7 +225,7 @@ class Engine:
             self.uploader.stored_count, sorted(not_stored), settler.still_writing(), self.tracker.uncommitted()
         )
         settler.release_all()
-        await self._final_metadata(report, exit_code, succeeded)
+        await self._final_metadata(report, exit_code, "COMPLETED" if succeeded else "STOPPED" if stopped else "FAILED")
         await asyncio.to_thread(self.journal.close)
         metrics.BACKLOG.attach(None)  # the queue it reads is gone
         log.info(
@@ -237,11 +238,11 @@ class Engine:
         )
         return report
 
-    async def _final_metadata(self, report: Report, exit_code: int | None, succeeded: bool) -> None:
+    async def _final_metadata(self, report: Report, exit_code: int | None, status: str) -> None:
         # A short last chance, shorter still when the store is known to be unreachable.
         self.deadline.grace(FINAL_METADATA[0] if self.health.reachable else FINAL_METADATA[1])
         await self.publisher.job_status(
-            "COMPLETED" if succeeded else "FAILED",
+            status,
             exit_code,
             sync_status="COMPLETED" if report.ok else "SYNCING",
             uncommitted=report.uncommitted,

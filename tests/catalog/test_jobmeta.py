@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from daemon.catalog import jobmeta, layout
-from daemon.catalog.jobmeta import COMPLETED, FAILED, RUNNING, SYNCING, JobNotFound
+from daemon.catalog.jobmeta import COMPLETED, FAILED, RUNNING, STOPPED, SYNCING, JobNotFound
 from daemon.storage import Storage
 from daemon.storage.local import LocalStorage
 from daemon.storage.s3 import S3Storage
@@ -50,6 +50,9 @@ def status(rank: int, st: str, sync: str) -> dict:
         ([(COMPLETED, COMPLETED)], None, (COMPLETED, COMPLETED)),
         ([(RUNNING, COMPLETED), (COMPLETED, COMPLETED)], 2, (RUNNING, COMPLETED)),
         ([(RUNNING, SYNCING)], 1, (RUNNING, SYNCING)),
+        ([(STOPPED, COMPLETED), (COMPLETED, COMPLETED)], 2, (STOPPED, COMPLETED)),
+        ([(STOPPED, SYNCING), (RUNNING, COMPLETED)], 2, (STOPPED, SYNCING)),
+        ([(STOPPED, COMPLETED), (FAILED, COMPLETED)], 2, (FAILED, COMPLETED)),
     ],
 )
 def test_derive_status(ranks, group_size, expected):

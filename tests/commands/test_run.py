@@ -199,6 +199,7 @@ def test_sigterm_reaches_the_trainer_whose_last_checkpoint_is_stored(job, juicef
     stored = {k: sha256(v) for k, v in stored_objects(juicefs_bucket, "job-t").items()}
     assert stored == j.record["written"] and "checkpoint-final/model.safetensors" in stored
     assert "checkpoint-final" in manifests(juicefs_bucket, "job-t")
+    assert rank_status(juicefs_bucket, "job-t")["status"] == "COMPLETED"  # it stopped cleanly: exit 0
 
 
 def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_bucket):
@@ -207,6 +208,7 @@ def test_a_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(job, moto_b
     j.daemon.signal(signal.SIGTERM)
     assert j.daemon.wait() == 137, j.daemon.tail()
     assert j.daemon.events("killing the trainer")[0]["reason"] == "stop timeout"
+    assert rank_status(moto_bucket, "job-i")["status"] == "STOPPED"  # told to stop: not a failure of its own
 
 
 # A trainer whose writers outlive it. Each process writes its pid to $LEFT/NAME.pid.

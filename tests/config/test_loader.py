@@ -197,6 +197,8 @@ def test_every_setting_has_help_and_a_valid_default():
             "upload",
             "drain_timeout",
             "load_checkpoint_config",
+            "retention",
+            "training_checkpoints",
             "start_commands",
             "stop_timeout",
             "metrics_addr",

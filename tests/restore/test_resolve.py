@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from daemon.catalog import layout
+from daemon.catalog.browse import job_order_key
 from daemon.catalog.jobmeta import ensure_job
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore.plan import Conflict, Item, UnsafeManifest, plan
-from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, job_order_key, pick_rank, resolve
+from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, pick_rank, resolve
 
 KIND = "unit"
 

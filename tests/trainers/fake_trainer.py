@@ -27,7 +27,8 @@ env = os.environ
 record_path = Path(env["TRAINER_RECORD"])
 record: dict = {"env": {k: v for k, v in env.items() if k.startswith("BT_")}, "written": {}, "pid": os.getpid()}
 save_dir = Path(env["BT_CHECKPOINT_DIR"])
-load_dir = Path(env["BT_LOAD_CHECKPOINT_DIR"]) / f"rank-{env['BT_NODE_RANK']}"
+# Absent when checkpoint loading is not enabled (SPEC §3); the record tells the test which.
+load_dir = Path(env.get("BT_LOAD_CHECKPOINT_DIR", "/nonexistent")) / f"rank-{env['BT_NODE_RANK']}"
 
 
 def save_record() -> None:
