@@ -3,6 +3,16 @@ the restore folder, and two references landing on one folder refused (SPEC §5).
 
 The unit of restore is a checkpoint folder (`Unit`): it is staged and put in place as a whole
 (stage.py), so that the trainer never finds a folder that holds a marker but misses files.
+
+Root files (the `.` pseudo-checkpoint: a tokenizer saved at the top of the checkpoint folder) of
+every reference's job land together at the top of the rank folder, one unit. Two references
+bringing one root file:
+
+| same path | same size and SHA-256 | outcome                                            |
+|-----------|-----------------------|----------------------------------------------------|
+| no        | -                     | both restored                                      |
+| yes       | yes                   | restored once (e.g. two checkpoints of one job)    |
+| yes       | no                    | Conflict (exit 2): which one the trainer reads would be an accident |
 """
 
 from __future__ import annotations
@@ -47,8 +57,6 @@ class Unit:
 
 
 def _target_folder(rank_folder: str, res: Resolved) -> str:
-    if res.checkpoint == layout.ROOT_CHECKPOINT:
-        return rank_folder
     try:
         folder = layout.local_path(rank_folder, res.checkpoint)
     except layout.UnsafePath as exc:
@@ -58,19 +66,21 @@ def _target_folder(rank_folder: str, res: Resolved) -> str:
     return folder
 
 
-def _items_of(res: Resolved, rank_folder: str) -> list[Item]:
-    items = []
-    for entry in res.manifest["files"]:
+def _items_of(res: Resolved, manifest: dict[str, Any], rank_folder: str) -> list[Item]:
+    """The files of one manifest (a checkpoint's or the root's), each path checked and listed once."""
+    checkpoint, items, seen = manifest["checkpoint"], [], set()
+    for entry in manifest["files"]:
         path, key = entry["path"], entry["key"]
         try:
             target = layout.local_path(rank_folder, path)
         except layout.UnsafePath as exc:
             raise UnsafeManifest(f"refusing key {key!r} of {res.ref.describe()}: {exc}") from None
-        if layout.checkpoint_of(path) != res.checkpoint:
-            raise UnsafeManifest(
-                f"refusing key {key!r} of {res.ref.describe()}: {path!r} is outside {res.checkpoint!r}"
-            )
-        inside = path if res.checkpoint == layout.ROOT_CHECKPOINT else path.partition("/")[2]
+        if layout.checkpoint_of(path) != checkpoint:
+            raise UnsafeManifest(f"refusing key {key!r} of {res.ref.describe()}: {path!r} is outside {checkpoint!r}")
+        if path in seen:
+            raise UnsafeManifest(f"{res.ref.describe()}: manifest lists {target} twice")
+        seen.add(path)
+        inside = path if checkpoint == layout.ROOT_CHECKPOINT else path.partition("/")[2]
         items.append(Item(key, target, entry["size"], entry["sha256"], inside))
     return items
 
@@ -87,20 +97,70 @@ def _check_root_names(units: dict[str, Unit]) -> None:
             raise Conflict(f"{', '.join(root.refs)} and {', '.join(other.refs)} would both restore to {other.folder}")
 
 
+class _Root:
+    """The root unit, filled by every reference that brings root files (see the table above)."""
+
+    def __init__(self, rank_folder: str) -> None:
+        self.unit = Unit(layout.ROOT_CHECKPOINT, rank_folder, False, [])
+        self.brought: dict[str, tuple[Item, str]] = {}  # relpath -> the item and who brought it
+
+    def add(self, res: Resolved, items: list[Item]) -> None:
+        # Labelled apart from the reference when its checkpoint is elsewhere: refusing the root
+        # folder's files (a link in the way) must not report that checkpoint as not restored.
+        ref = res.ref.describe()
+        label = ref if res.checkpoint == layout.ROOT_CHECKPOINT else f"{ref} (root files)"
+        for item in items:
+            first = self.brought.setdefault(item.relpath, (item, label))
+            if first[0] is item:
+                self.unit.items.append(item)
+            elif (first[0].size, first[0].sha256) != (item.size, item.sha256):
+                raise Conflict(
+                    f"{first[1]} and {label} would both restore {item.target} with different bytes; "
+                    "remove one of the references"
+                )
+        self.unit.required |= res.ref.required
+        if label not in self.unit.refs:
+            self.unit.refs.append(label)
+
+
+def _entry(res: Resolved, folder: str, items: list[Item], root_files: int) -> dict[str, Any]:
+    return {
+        "ref": res.ref.describe(),
+        "project": res.project,
+        "job_id": res.job_id,
+        "source_rank": res.source_rank,
+        "checkpoint": res.checkpoint,
+        "step": res.manifest.get("step"),
+        "committed_at": res.manifest.get("committed_at"),
+        "target": folder,
+        "files": len(items),
+        "bytes": sum(i.size for i in items),
+        "root_files": root_files,
+    }
+
+
 def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[list[Unit], list[dict[str, Any]]]:
     """The checkpoint folders to put in place and what each reference restores; no I/O.
 
     Raises UnsafeManifest for a file that would escape the folder, Conflict for two references
-    landing on one folder. Two references naming the very same checkpoint are one unit, required
-    if either is.
+    landing on one folder or one root file. Two references naming the very same checkpoint are one
+    unit, required if either is. Each entry of the report: ref, project, job_id, source_rank,
+    checkpoint, step, committed_at, target, files, bytes (of the checkpoint), root_files (brought
+    along with it).
     """
     # This node's rank, even when the files come from rank 0 of the source job: the trainer always
     # finds them with get_last_checkpoint(f"{BT_LOAD_CHECKPOINT_DIR}/rank-{BT_NODE_RANK}").
     rank_folder = os.path.join(os.path.abspath(restore_dir), f"rank-{rank}")
     claimed: dict[str, Resolved] = {}
     units: dict[str, Unit] = {}
+    root = _Root(rank_folder)
     restored = []
     for res in resolved:
+        if res.checkpoint == layout.ROOT_CHECKPOINT:
+            mine = _items_of(res, res.manifest, rank_folder)
+            root.add(res, mine)
+            restored.append(_entry(res, rank_folder, mine, 0))
+            continue
         folder = _target_folder(rank_folder, res)
         first = claimed.setdefault(folder, res)
         if first is not res and _source(first) != _source(res):
@@ -108,30 +168,17 @@ def plan(resolved: Sequence[Resolved], restore_dir: str, rank: int) -> tuple[lis
                 f"{first.ref.describe()} and {res.ref.describe()} would both restore to {folder}; "
                 "give one of them another checkpoint or remove it"
             )
-        mine = _items_of(res, rank_folder)
+        mine = _items_of(res, res.manifest, rank_folder)
         unit = units.setdefault(folder, Unit(res.checkpoint, folder, False, []))
         unit.required |= res.ref.required
         unit.refs.append(res.ref.describe())
         if first is res:
-            seen: set[str] = set()
-            for item in mine:
-                if item.relpath in seen:
-                    raise UnsafeManifest(f"{res.ref.describe()}: manifest lists {item.target} twice")
-                seen.add(item.relpath)
             unit.items = mine
-        restored.append(
-            {
-                "ref": res.ref.describe(),
-                "project": res.project,
-                "job_id": res.job_id,
-                "source_rank": res.source_rank,
-                "checkpoint": res.checkpoint,
-                "step": res.manifest.get("step"),
-                "committed_at": res.manifest.get("committed_at"),
-                "target": folder,
-                "files": len(mine),
-                "bytes": sum(i.size for i in mine),
-            }
-        )
+        tops = _items_of(res, res.root, rank_folder) if res.root is not None else []
+        if tops:
+            root.add(res, tops)
+        restored.append(_entry(res, folder, mine, len(tops)))
+    if root.unit.refs:
+        units[rank_folder] = root.unit
     _check_root_names(units)
     return list(units.values()), restored

@@ -11,10 +11,25 @@ of another job, rank or checkpoint stored at this key):
 | latest    | one of several of the job                | skipped, a warning names its key; the latest valid one serves |
 | latest    | every one of the job                     | skipped; the job has no committed checkpoint |
 | named     | the one the name points at               | BadManifest naming the key                |
+| best      | one of several of the job or project     | skipped, a warning names its key (browse.checkpoints) |
+| any       | its job's root files' (`.`) manifest     | BadManifest naming the key (see Root files) |
 | any       | not `*.json`, or under a folder name no key may hold | ignored                       |
 
 BadManifest is exit 3 for a required reference, a warning and training from scratch for an
-optional one (restorer.py).
+optional one (restorer.py). So is Unmatched: a best reference whose metric no candidate records
+matches nothing, and the message names the metric and those that are recorded.
+
+Root files: whatever checkpoint C of job J a reference resolves to, J's committed `.` files (the
+tokenizer a trainer saves at the top of its checkpoint folder) of the same source rank come with
+it (`Resolved.root`).
+
+Best by a metric (`ckptd_best_checkpoint`): candidates are the committed checkpoints of the source
+rank (never `.`), ranked by `browse.best` on the metrics of rank 0, completed by the source rank's
+(trainers log on rank 0): every node of a job then ranks alike and picks the same checkpoint.
+- of a job: the best of that job;
+- of a project: the best across all of its jobs (a sweep's best run), not only the newest job's:
+  the metric is what compares them; a tie goes to the later checkpoint (higher step, then later
+  commit). To restrict it to one job, name the job.
 
 A manifest that parses but lies about its files' bytes is caught when downloading (download.py).
 """
@@ -23,13 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from daemon.catalog import browse, layout
 from daemon.catalog.manifest import latest_manifest, read_manifest
-from daemon.config.refs import NAMED, CheckpointRef
+from daemon.config.refs import BEST, NAMED, CheckpointRef
 from daemon.storage import Storage, StorageError
+
+JOBS_AT_ONCE = 4  # a project's jobs searched at once for the best; each reads its manifests 32 at a time
 
 
 class AmbiguousJob(LookupError):
@@ -51,6 +69,13 @@ class BadManifest(ValueError):
         super().__init__(f"{ref.describe()}: unusable manifest {why}")
 
 
+class Unmatched(LookupError):
+    """The reference matches no committed checkpoint, for a reason the user must read (a metric)."""
+
+    def __init__(self, ref: CheckpointRef, why: str) -> None:
+        super().__init__(f"{ref.describe()} matches nothing: {why}")
+
+
 @dataclass(frozen=True)
 class Resolved:
     ref: CheckpointRef
@@ -59,6 +84,7 @@ class Resolved:
     source_rank: int  # the rank whose files are downloaded: this node's, or 0 (see pick_rank)
     checkpoint: str
     manifest: dict[str, Any]
+    root: dict[str, Any] | None = None  # the job's committed '.' (files at the top), same source rank
 
 
 def pick_rank(rank: int, ranks_with_manifests: set[int]) -> int | None:
@@ -120,6 +146,18 @@ async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job
     return Resolved(ref, project, job_id, source, manifest["checkpoint"], manifest)
 
 
+async def _manifest_at(storage: Storage, ref: CheckpointRef, key: str) -> dict[str, Any] | None:
+    """The manifest at `key`; None when there is none, BadManifest when it is unusable."""
+    try:
+        return await read_manifest(storage, key)  # refuses one stored under another name's key
+    except StorageError as exc:
+        if exc.missing:
+            return None
+        raise
+    except ValueError as exc:  # its message names the key
+        raise BadManifest(ref, key, str(exc)) from None
+
+
 async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
     assert ref.job_id is not None and ref.checkpoint_name is not None
     source = await _source_rank(storage, project, ref.job_id, rank)
@@ -129,14 +167,9 @@ async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) 
         key = layout.manifest_key(project, ref.job_id, source, ref.checkpoint_name)
     except layout.UnsafePath as exc:
         raise BadManifest(ref, "", str(exc)) from None
-    try:
-        manifest = await read_manifest(storage, key)  # refuses one stored under another name's key
-    except StorageError as exc:
-        if exc.missing:
-            return None
-        raise
-    except ValueError as exc:  # its message names the key
-        raise BadManifest(ref, key, str(exc)) from None
+    manifest = await _manifest_at(storage, ref, key)
+    if manifest is None:
+        return None
     return Resolved(ref, project, ref.job_id, source, manifest["checkpoint"], manifest)
 
 
@@ -149,18 +182,70 @@ async def _latest_of_project(storage: Storage, ref: CheckpointRef, project: str,
     return None
 
 
+_Candidate = tuple[browse.Checkpoint, str, int]  # checkpoint, its job, the source rank there
+
+
+async def _candidates(storage: Storage, project: str, job_id: str, rank: int) -> list[_Candidate]:
+    """The source rank's committed checkpoints of a job, '.' excepted, with rank 0's metrics."""
+    source = await _source_rank(storage, project, job_id, rank)
+    if source is None:
+        return []
+    found = await browse.checkpoints(storage, project, job_id, ranks={0, source})
+    return [(c, job_id, source) for c in found if source in c.manifests and c.name != layout.ROOT_CHECKPOINT]
+
+
+async def _best(storage: Storage, ref: CheckpointRef, project: str, jobs: list[str], rank: int) -> Resolved | None:
+    """The best of the jobs' candidates by the reference's metric; Unmatched when none records it."""
+    assert ref.metric is not None and ref.mode is not None
+    limit = asyncio.Semaphore(JOBS_AT_ONCE)
+
+    async def of(job_id: str) -> list[_Candidate]:
+        async with limit:
+            return await _candidates(storage, project, job_id, rank)
+
+    candidates = [c for found in await asyncio.gather(*(of(j) for j in jobs)) for c in found]
+    if not candidates:
+        return None
+    try:
+        winner = browse.best([c for c, _, _ in candidates], ref.metric, ref.mode)[0]
+    except browse.MissingMetric as exc:
+        raise Unmatched(ref, str(exc)) from None
+    _, job_id, source = next(c for c in candidates if c[0] is winner)
+    return Resolved(ref, project, job_id, source, winner.name, winner.manifests[source])
+
+
+async def _with_root(storage: Storage, found: Resolved | None) -> Resolved | None:
+    """`found` with its job's committed root files of the same source rank, when it has any."""
+    if found is None or found.checkpoint == layout.ROOT_CHECKPOINT:
+        return found
+    key = layout.manifest_key(found.project, found.job_id, found.source_rank, layout.ROOT_CHECKPOINT)
+    root = await _manifest_at(storage, found.ref, key)
+    return found if root is None else dataclasses.replace(found, root=root)
+
+
 async def resolve(storage: Storage, ref: CheckpointRef, *, default_project: str, rank: int) -> Resolved | None:
-    """The committed checkpoint `ref` names for a node of rank `rank`; None when nothing matches.
+    """The committed checkpoint `ref` names for a node of rank `rank`, with its job's root files;
+    None when nothing matches.
 
     Raises AmbiguousJob when the job id is found in several projects and the reference names
-    none, StorageError when the store fails.
+    none, BadManifest for an unusable manifest it needs, Unmatched when a best reference's metric
+    is recorded by no candidate, StorageError when the store fails.
     """
+    return await _with_root(storage, await _resolve(storage, ref, default_project, rank))
+
+
+async def _resolve(storage: Storage, ref: CheckpointRef, default_project: str, rank: int) -> Resolved | None:
     if ref.job_id is None:
         assert ref.project_name is not None  # parse_ref guarantees one of them
+        if ref.typ == BEST:
+            jobs = [job_id for job_id, _ in await browse.jobs_newest_first(storage, ref.project_name)]
+            return await _best(storage, ref, ref.project_name, jobs, rank)
         return await _latest_of_project(storage, ref, ref.project_name, rank)
     project = await _project_of(storage, ref, default_project)
     if project is None:
         return None
     if ref.typ == NAMED:
         return await _named(storage, ref, project, rank)
+    if ref.typ == BEST:
+        return await _best(storage, ref, project, [ref.job_id], rank)
     return await _latest_of_job(storage, ref, project, ref.job_id, rank)

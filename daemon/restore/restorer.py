@@ -35,14 +35,15 @@ from typing import Any
 import structlog
 
 from daemon import metrics
+from daemon.catalog import layout
 from daemon.catalog.jsonio import json_bytes, utc_now
 from daemon.config.refs import CheckpointRef
 from daemon.config.schema import DEFAULT_MARKERS
 from daemon.files import write_atomic
-from daemon.restore import safefs, stage
+from daemon.restore import links, safefs, stage
 from daemon.restore.download import Downloader, RestoreFailed, _in_thread, all_or_cancel
 from daemon.restore.plan import Conflict, Unit, UnsafeManifest, plan
-from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, resolve
+from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, Unmatched, resolve
 from daemon.restore.stage import STAGING_PREFIX, Inspection, Staging
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
@@ -50,7 +51,7 @@ from daemon.storage.retry import Deadline, retrying
 __all__ = ["STAGING_PREFIX", "SUMMARY", "RestoreConflict", "RestoreFailed", "RestoreReport", "restore"]
 
 MiB = 1 << 20
-SUMMARY = "ckptd-restore.json"
+SUMMARY = links.SUMMARY
 RETRY_WINDOW = 300.0  # seconds a request is retried on transient errors
 log = structlog.get_logger()
 
@@ -70,6 +71,7 @@ class RestoreReport:
     restored: list[dict[str, Any]]
     missing: list[str]
     refused: list[str] = field(default_factory=list)  # optional references whose folder was in the way
+    links: list[str] = field(default_factory=list)  # names linked at the top of the restore folder (links.py)
 
 
 async def _resolve_all(
@@ -77,14 +79,17 @@ async def _resolve_all(
 ) -> tuple[list[Resolved], list[str]]:
     """What every reference names, and the optional ones that name nothing; RestoreFailed if a required one does."""
 
-    async def one(ref: CheckpointRef) -> Resolved | None:
+    async def one(ref: CheckpointRef) -> tuple[Resolved | None, str]:
         try:
-            return await retrying(
+            found = await retrying(
                 functools.partial(resolve, storage, ref, default_project=default_project, rank=rank),
                 deadline=Deadline.after(retry_window),
                 context={"ref": ref.describe()},
                 counter=None,
             )
+            return found, ""
+        except Unmatched as exc:  # e.g. a metric no checkpoint records: the reason is the message
+            return None, str(exc)
         except AmbiguousJob as exc:
             raise RestoreFailed(str(exc)) from None
         except StorageError as exc:
@@ -93,16 +98,17 @@ async def _resolve_all(
             if ref.required:
                 raise RestoreFailed(f"required {exc}") from None
             log.warning("checkpoint reference names an unusable manifest; starting from scratch", error=str(exc))
-            return None
+            return None, ""
 
     resolved, missing = [], []
-    for ref, found in zip(refs, await all_or_cancel(one(ref) for ref in refs), strict=True):
+    for ref, (found, why) in zip(refs, await all_or_cancel(one(ref) for ref in refs), strict=True):
         if found is not None:
             resolved.append(found)
         elif ref.required:
-            raise RestoreFailed(f"required {ref.describe()} matches no committed checkpoint")
+            raise RestoreFailed(f"required {why or f'{ref.describe()} matches no committed checkpoint'}")
         else:
-            log.warning("checkpoint reference matches nothing; starting from scratch", ref=ref.describe())
+            reason = {"why": why} if why else {}
+            log.warning("checkpoint reference matches nothing; starting from scratch", ref=ref.describe(), **reason)
             missing.append(ref.describe())
     return resolved, missing
 
@@ -132,13 +138,30 @@ def _refuse(units: Sequence[Unit], exc: safefs.Refused, refused: list[str]) -> N
         refused += unit.refs
 
 
-def _write_summary(restore_dir: str, rank: int, summary: dict[str, Any]) -> None:
+def _placed_names(units: Sequence[Unit], refused: Sequence[str]) -> list[str]:
+    """What the restore put (or found) in the rank folder: checkpoint folders and root files."""
+    names = []
+    for unit in units:
+        if set(unit.refs) & set(refused):
+            continue
+        names += [i.relpath for i in unit.items] if unit.name == layout.ROOT_CHECKPOINT else [unit.name]
+    return names
+
+
+def _finish(restore_dir: str, rank: int, report: RestoreReport, names: Sequence[str]) -> None:
+    """Link what was restored at the top of the restore folder, then write the summary."""
     # The rank folder exists even when nothing was restored: get_last_checkpoint() lists it, and
     # a missing folder would crash the trainer instead of letting it start from scratch.
     rank_folder = os.path.join(restore_dir, f"rank-{rank}")
     if not os.path.lexists(rank_folder):  # a link there was refused and is left alone
         os.makedirs(rank_folder, exist_ok=True)
-    write_atomic(os.path.join(restore_dir, SUMMARY), json_bytes(summary))
+    try:
+        made = links.update(restore_dir, rank, names)
+    except OSError as exc:
+        # The trainer's get_last_checkpoint(BT_LOAD_CHECKPOINT_DIR) would silently start from scratch.
+        raise RestoreFailed(f"cannot link the restored checkpoints at the top of {restore_dir}: {exc}") from exc
+    report.links = made.linked
+    write_atomic(os.path.join(restore_dir, SUMMARY), json_bytes({**asdict(report), "finished_at": utc_now()}))
 
 
 class _Placer:
@@ -268,7 +291,7 @@ async def restore(
         refused,
     )
     try:
-        await asyncio.to_thread(_write_summary, restore_dir, rank, {**asdict(report), "finished_at": utc_now()})
+        await asyncio.to_thread(_finish, restore_dir, rank, report, _placed_names(units, refused))
     except OSError as exc:
         raise RestoreFailed(f"cannot write {SUMMARY} in {restore_dir}: {exc}") from exc
     metrics.RESTORE_DURATION.set(report.seconds)

@@ -180,11 +180,19 @@ async def test_unreadable_named_manifest_is_an_error_naming_its_key(history):
     assert caught.value.key == key
 
 
-def resolved(job: str, checkpoint: str, *paths: str, source_rank: int = 0) -> Resolved:
-    """A resolved reference whose manifest lists `paths` (unvalidated: plan must not rely on parse_manifest)."""
-    files = [{"path": p, "key": f"k/{job}/{p}", "size": len(p), "sha256": "0" * 64} for p in paths]
+def listing(job: str, checkpoint: str, paths: tuple[str, ...], sha: str = "0") -> dict:
+    files = [{"path": p, "key": f"k/{job}/{p}", "size": len(p), "sha256": sha * 64} for p in paths]
+    return {"checkpoint": checkpoint, "files": files, "step": None}
+
+
+def resolved(
+    job: str, checkpoint: str, *paths: str, source_rank: int = 0, sha: str = "0", root: tuple[str, ...] = ()
+) -> Resolved:
+    """A resolved reference whose manifest lists `paths`, and its job's root manifest `root` (if
+    any), unvalidated: plan must not rely on parse_manifest. `sha`: the digit every SHA-256 repeats."""
     ref = CheckpointRef(NAMED, job_id=job, checkpoint_name=checkpoint)
-    return Resolved(ref, "proj", job, source_rank, checkpoint, {"checkpoint": checkpoint, "files": files, "step": None})
+    tops = listing(job, ".", root, sha) if root else None
+    return Resolved(ref, "proj", job, source_rank, checkpoint, listing(job, checkpoint, paths, sha), tops)
 
 
 def test_plan_puts_files_under_this_nodes_rank(tmp_path):
@@ -230,16 +238,21 @@ def test_plan_refuses_a_path_listed_twice(tmp_path):
     [
         ([resolved("a", "c", "c/x"), resolved("b", "c", "c/y")], True),  # other job, same folder
         ([resolved("a", "c", "c/x"), resolved("a", "c", "c/x", source_rank=1)], True),  # other rank
-        ([resolved("a", ".", "x"), resolved("b", ".", "y")], True),
+        ([resolved("a", ".", "x"), resolved("b", ".", "x", sha="1")], True),  # one root file, other bytes
+        ([resolved("a", "c", "c/x", root=("t",)), resolved("b", "d", "d/x", root=("t",), sha="1")], True),
+        ([resolved("a", "c", "c/x", root=("d",)), resolved("b", "d", "d/x")], True),  # root file named like a folder
         ([resolved("a", ".", "c"), resolved("b", "c", "c/x")], True),  # a top file named like a folder
         ([resolved("a", "c", "c/x"), resolved("a", "c", "c/x")], False),  # the very same checkpoint: one
         ([resolved("a", "c", "c/x"), resolved("b", "d", "d/x")], False),
         ([resolved("a", ".", "x"), resolved("b", "c", "c/x")], False),
+        ([resolved("a", ".", "x"), resolved("b", ".", "y")], False),  # two root files
+        ([resolved("a", ".", "x"), resolved("b", ".", "x")], False),  # one root file, the same bytes
+        ([resolved("a", "c", "c/x", root=("t",)), resolved("b", "d", "d/x", root=("t", "u"))], False),
     ],
 )
 def test_plan_conflicts(tmp_path, refs, conflict):
     if conflict:
-        with pytest.raises(Conflict, match="would both restore to"):
+        with pytest.raises(Conflict, match="would both restore"):
             plan(refs, str(tmp_path), 0)
     else:
         units, restored = plan(refs, str(tmp_path), 0)

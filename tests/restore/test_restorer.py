@@ -146,10 +146,12 @@ async def test_summary_file(source, out):
                 "target": str(out / "rank-0" / "checkpoint-20"),
                 "files": 5,
                 "bytes": sum(map(len, FILES.values())),
+                "root_files": 0,
             }
         ]
     )
     assert (summary["files"], summary["downloaded_files"], summary["seconds"]) == (5, 5, report.seconds)
+    assert summary["links"] == report.links == ["checkpoint-20"]
     assert summary["finished_at"].endswith("+00:00")
 
 
