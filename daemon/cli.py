@@ -187,12 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         return print_version(args.json)
     flags = {name: getattr(args, name, None) for name in SPECS}
+    notes: list[tuple[str, str, dict]] = []
     try:
-        config = load(flags, os.environ, args.config)
+        # Only `run` starts the commands that the secrets of environment_variables are for.
+        config = load(flags, os.environ, args.config, notes=notes, secrets=args.command == "run")
     except ConfigError as e:
         print(f"ckptd: {e}", file=sys.stderr)
         return exits.CONFIG
     logs.configure(config.log_level, config.log_format)
+    for level, event, fields in notes:
+        getattr(logs.get(), level)(event, **fields)
     if config.storage == default_of(SPECS["storage"], os.environ) and args.command in ("run", "watch", "restore"):
         logs.get().warning("using the embedded default store: checkpoints stay on this machine", storage=config.storage)
     return HANDLERS[args.command](config, args)

@@ -43,9 +43,25 @@ def trainer_env(c: Config, base: Mapping[str, str]) -> dict[str, str]:
     BT_LOAD_CHECKPOINT_DIR only when loading is enabled: the reference docs' training code takes
     its "no checkpoint loading configured" branch by its absence, and would otherwise look for
     checkpoints in a folder nobody filled. ckptd owns the variable, so an inherited one goes too.
+
+    Precedence: ckptd's BT_* > the config's environment_variables > ckptd's own environment. The job
+    definition's variables win over what ckptd inherited, as the hosted platform sets them in the
+    trainer's container; ckptd's BT_* win over both because they say where ckptd watches and restores:
+    a trainer told another checkpoint folder would save where nothing is uploaded.
     """
+    own = _own_variables(c)
+    wanted = c.environment_variables.values()
+    overridden = sorted(set(wanted) & ({"BT_LOAD_CHECKPOINT_DIR"} | set(own)))
+    if overridden:
+        log.warning("environment_variables that ckptd sets itself are overridden", names=overridden)
+    env = {**base, **wanted, **own}
+    if not c.restore_enabled:
+        env.pop("BT_LOAD_CHECKPOINT_DIR", None)
+    return env
+
+
+def _own_variables(c: Config) -> dict[str, str]:
     env = {
-        **base,
         "BT_CHECKPOINT_DIR": c.checkpoint_dir,
         "BT_NODE_RANK": str(c.node_rank),
         "BT_GROUP_SIZE": str(c.group_size),
@@ -54,8 +70,6 @@ def trainer_env(c: Config, base: Mapping[str, str]) -> dict[str, str]:
     }
     if c.restore_enabled:
         env["BT_LOAD_CHECKPOINT_DIR"] = c.restore_dir
-    else:
-        env.pop("BT_LOAD_CHECKPOINT_DIR", None)
     return env
 
 

@@ -1,6 +1,8 @@
 """Resolve every setting: command-line flag > environment > config file > default, then validate.
 
-Nothing starts before `load` returns, so a bad value never leaves a half-started job behind.
+Nothing starts before `load` returns, so a bad value never leaves a half-started job behind. A config
+file may also have the reference's shapes (a `truss_train` training project, a Truss serving config):
+`sdk` translates it to ckptd's first, and the fields it ignores become a note for the log.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Any
 
 import yaml
 
+from daemon.config import sdk
 from daemon.config.quantities import show
 from daemon.config.schema import BY_KEY, SPECS, Config, Spec, default_of
 from daemon.logs import redact
 
 CONFIG_ENV = "CKPTD_CONFIG"
+# A log line for later, when logging is configured: (level, event, fields).
+Note = tuple[str, str, dict[str, Any]]
 
 
 class ConfigError(Exception):
@@ -33,18 +38,30 @@ class ConfigError(Exception):
 
 
 def load(
-    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, config_file: str | None = None
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+    *,
+    notes: list[Note] | None = None,
+    secrets: bool = True,
 ) -> Config:
-    """Build a validated Config. `flags` maps Config field names to raw flag values (None: not given)."""
+    """Build a validated Config. `flags` maps Config field names to raw flag values (None: not given).
+
+    `notes` receives log lines for when logging is configured. `secrets`: resolve environment_variables'
+    secrets; only `run` needs them (an init container given the same file may not hold the trainer's).
+    """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = os.environ if env is None else env
     path = config_file or env.get(CONFIG_ENV) or None
-    from_file = read_config_file(path) if path else {}
+    settings = read_settings(path) if path else sdk.Translated({})
+    from_file = settings.data
     values: dict[str, Any] = {}
     explicit: set[str] = set()
     outside_file: set[str] = set()
     for name, spec in SPECS.items():
         raw, source = _pick(name, spec, flags, env, from_file, path)
+        if source == f"config file {path}" and spec.key in settings.origins:
+            source += f", field {settings.origins[spec.key]}"  # where a translated setting was written
         if source is None:
             values[name] = default_of(spec, env)
             continue
@@ -57,6 +74,10 @@ def load(
             raise ConfigError(_label(spec), f"{e} (from {source})") from None
     if "checkpoints" in outside_file and "restore_enabled" not in explicit:
         values["restore_enabled"] = True  # `--load REF` asks for a restore; a config file says so itself
+    if secrets:
+        values["environment_variables"] = _resolved(values["environment_variables"], env, settings, path)
+    if notes is not None:
+        notes.extend(_notes(values, settings, path))
     config = Config(**values, explicit=frozenset(explicit))
     _check_together(config, explicit)
     return config
@@ -80,6 +101,28 @@ def _pick(
     return None, None
 
 
+def _notes(values: Mapping[str, Any], settings: sdk.Translated, path: str | None) -> list[Note]:
+    out: list[Note] = []
+    if settings.ignored:
+        event = "config file fields ignored: they mean something on the hosted platform only"
+        out.append(("info", event, {"config": path, "fields": settings.ignored}))
+    written = settings.origins.get(SPECS["checkpointing_enabled"].key)
+    if written and not values["checkpointing_enabled"]:
+        # The SDK's CheckpointingConfig() is disabled by default: a project that never mentions it says so.
+        event = "checkpointing is disabled by the training project: run and watch upload nothing"
+        out.append(("warning", event, {"config": path, "field": written}))
+    return out
+
+
+def _resolved(environment: Any, env: Mapping[str, str], settings: sdk.Translated, path: str | None) -> Any:
+    try:
+        return environment.resolved(env)
+    except ValueError as e:
+        spec = SPECS["environment_variables"]
+        written = settings.origins.get(spec.key, spec.key)
+        raise ConfigError(_label(spec), f"{e} (from config file {path}, field {written})") from None
+
+
 def _label(spec: Spec) -> str:
     names = [n for n in (spec.flag, *(f"${v}" for v in spec.env[:1])) if n]
     return f"{spec.key} ({', '.join(names)})" if names else spec.key
@@ -90,8 +133,40 @@ FILE_SETTING = f"config ({CONFIG_ENV}, --config)"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON config file in the reference SDK's shape; return values by dotted key."""
+TOP_KEYS = frozenset(key.split(".")[0] for key in BY_KEY)
+
+
+def read_settings(path: str) -> sdk.Translated:
+    """Read a config file (YAML, JSON, or a Python one defining a truss_train TrainingProject);
+    its `data` are the settings by dotted key."""
+    data = _python(path) if path.endswith(".py") else _parse(path)
+    if data is None:
+        return sdk.Translated({})
+    if not isinstance(data, dict):
+        raise ConfigError(FILE_SETTING, f"{path} must hold a mapping of settings, not a {type(data).__name__}")
+    try:
+        translated = sdk.translate(data, TOP_KEYS)
+    except sdk.FieldError as e:
+        raise ConfigError(e.path, f"{e.detail} (from config file {path})") from None
+    data = translated.data
+    if isinstance(data.get("storage"), str):
+        data = {**data, "storage": {"url": data["storage"]}}
+    try:
+        translated.data = dict(_flatten(data, ""))
+    except ConfigError as e:
+        raise ConfigError(e.setting, f"{e.detail} (from config file {path})") from None
+    return translated
+
+
+def _python(path: str) -> dict[str, Any]:
+    _read_bytes(path)  # a regular file of a sane size, as for YAML
+    try:
+        return sdk.from_python(path)
+    except sdk.FieldError as e:
+        raise ConfigError(FILE_SETTING, str(e)) from None
+
+
+def _parse(path: str) -> Any:
     raw = _read_bytes(path)
     if not raw.strip():
         # Zero bytes is what a failed write or a mount gone wrong leaves; a YAML file of comments
@@ -108,16 +183,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         # more digits than Python converts; RecursionError a file nested thousands of levels deep.
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(FILE_SETTING, f"{path} is not valid YAML/JSON: {first_line}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(FILE_SETTING, f"{path} must hold a mapping of settings, not a {type(data).__name__}")
-    if isinstance(data.get("storage"), str):
-        data = {**data, "storage": {"url": data["storage"]}}
-    try:
-        return dict(_flatten(data, ""))
-    except ConfigError as e:
-        raise ConfigError(e.setting, f"{e.detail} (from config file {path})") from None
+    return data
 
 
 def _read_bytes(path: str) -> bytes:

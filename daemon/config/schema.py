@@ -14,6 +14,7 @@ from typing import Any
 
 from daemon.config import parse
 from daemon.config.artifacts import ArtifactRef, parse_artifact_refs
+from daemon.config.environment import Environment, parse_environment
 from daemon.config.refs import CheckpointRef, parse_refs
 from daemon.storage.options import ADDRESSING_STYLES, CHECKSUM_MODES, PAYLOAD_SIGNING, SSE_MODES
 
@@ -189,6 +190,10 @@ class Config:
     # --- supervision
     start_commands: tuple[str, ...] = setting("start_commands", (), "Shell commands run in order (or give CMD "
                                               "after --).", parse.command_list, SUPERVISE)
+    environment_variables: Environment = setting("environment_variables", {}, "Environment of the start commands "  # noqa: RUF009
+                                                 "(config file only): NAME: value, or NAME: {name: SECRET} read "
+                                                 "from $SECRET or the file $SECRET_FILE.", parse_environment,
+                                                 SUPERVISE)
     stop_timeout: float = setting("stop_timeout", 30.0, "After forwarding a stop signal, kill the trainer this much "
                                   "later.", parse.duration(), SUPERVISE, "--stop-timeout", ("CKPTD_STOP_TIMEOUT",))
     metrics_addr: tuple[str, int] = setting("metrics_addr", "0.0.0.0:9477", "Metrics and health listen address.",
