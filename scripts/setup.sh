@@ -22,3 +22,9 @@ fi
 # torch pulled in by transformers would be a multi-GB CUDA download.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,frameworks]'
+
+# The reference SDK (truss_train, in the truss package) for the tests of job definitions it writes
+# (tests/commands/test_sdk_project.py). A venv of its own: truss pins rich<14, the linters in .venv
+# need rich>=14.2. Pinned: the tests check what this version writes; bump it to check a newer one.
+[ -x .venv-sdk/bin/python ] || "${PYTHON:-python3}" -m venv .venv-sdk
+.venv-sdk/bin/python -m pip install -q --disable-pip-version-check truss==0.18.36 -e .
