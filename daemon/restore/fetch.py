@@ -1,0 +1,272 @@
+"""Fetching selected stored files for serving (`ckptd download`, SPEC §7): in parallel, verified,
+each put in place atomically at `{folder}/{job_id}/rank-{N}/{relpath}`.
+
+Unlike restore (restorer.py) there is no checkpoint folder to stage: a serving pod asks for files,
+and each file appears whole or not at all. A file is written under a temporary name in its own
+folder, verified, fsynced and renamed over its name; the folder is then fsynced.
+
+- Verification: a file of a committed checkpoint against its manifest's size and SHA-256 (a
+  mismatch is downloaded again, ATTEMPTS times in all, as restore does); a file of an uncommitted
+  checkpoint (no manifest) against the size the store lists only. `Wanted.sha256` says which.
+- Kept: a file already in place with the manifest's bytes is not downloaded again. A file without
+  a manifest cannot be proven right and is always downloaded.
+- Links: every folder below the download folder is walked link-free (safefs); a link or a special
+  file where a file or folder must go is refused, never followed. The download folder itself is
+  the user's choice and may be a link (a mounted volume).
+- Bounds: at most `concurrency` files and `concurrency` chunks of `chunk_size` bytes in memory at
+  once, whatever the sizes; a size lie costs one HEAD, and the free space is checked first.
+- A kill leaves at most `.tmp-ckptd-download-*` files beside complete ones, never a torn file
+  under a real name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from daemon.files import sha256_of
+from daemon.restore import safefs
+from daemon.restore.download import ATTEMPTS, _in_thread, all_or_cancel
+from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
+
+MiB = 1 << 20
+TMP_PREFIX = ".tmp-ckptd-download-"
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+class FetchFailed(Exception):
+    """A file could not be fetched, verified or put in place; the message names key and path."""
+
+
+class _Corrupt(Exception):
+    """The bytes fetched do not match what the manifest or the listing says."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One stored file to put in place."""
+
+    key: str
+    parts: tuple[str, ...]  # its path below the download folder: (job_id, "rank-N", *relpath segments)
+    size: int
+    sha256: str | None  # from its committed checkpoint's manifest; None: size-checked only
+
+    @property
+    def path(self) -> str:
+        return "/".join(self.parts)
+
+
+@dataclass
+class FetchReport:
+    files: int
+    bytes: int
+    downloaded_files: int
+    downloaded_bytes: int
+    kept_files: int
+    seconds: float
+
+
+def _kept(root_fd: int, root: str, want: Wanted) -> bool:
+    """Whether the file is in place with the manifest's bytes; safefs.Refused if a link is in the way."""
+    *dirs, name = want.parts
+    with safefs.folder(root_fd, dirs, root) as d:
+        if d is None:
+            return False
+        safefs.check_file_slot(d, name, os.path.join(root, want.path))
+        return want.sha256 is not None and safefs.matches(d, name, want.size, want.sha256)
+
+
+def _create(root_fd: int, root: str, want: Wanted, opened: list[int]) -> str:
+    """Open (creating) the file's folder link-free and a new temporary file in it; the folder's and the
+    file's descriptors go into `opened` at once, so the caller closes them even when cancelled."""
+    with safefs.folder(root_fd, want.parts[:-1], root, create=True) as d:
+        assert d is not None
+        opened.append(os.dup(d))
+    tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    opened.append(safefs.create_file(opened[0], tmp))
+    return tmp
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
+    """Verify, fsync, rename over the file's name, fsync the folder."""
+    folder, fd = opened
+    size = os.fstat(fd).st_size
+    if size != want.size:
+        raise _Corrupt(f"size {size}, expected {want.size}")
+    if want.sha256 is not None and (got := sha256_of(fd)) != want.sha256:
+        raise _Corrupt(f"sha256 {got}, manifest says {want.sha256}")
+    os.fsync(fd)
+    name = want.parts[-1]
+    safefs.check_file_slot(folder, name, os.path.join(root, want.path))  # a link there is replaced, never followed
+    safefs.rename(folder, tmp, folder, name)
+    os.fsync(folder)
+
+
+class _Fetcher:
+    """Downloads into place: at most `concurrency` files and `concurrency` chunks (memory) at once."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        root: tuple[int, str],
+        concurrency: int,
+        chunk_size: int,
+        progress: Callable[[int, int], None] | None,
+        retry_window: float,
+    ) -> None:
+        self.storage, (self.root_fd, self.root), self.chunk_size = storage, root, chunk_size
+        self.concurrency, self.progress, self.retry_window = concurrency, progress, retry_window
+        self.files, self.chunks = asyncio.Semaphore(concurrency), asyncio.Semaphore(concurrency)
+        self.done = self.total = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], want: Wanted) -> T:
+        deadline = Deadline.after(self.retry_window)
+        return await retrying(call, deadline=deadline, context={"file": want.path}, counter=None)
+
+    async def one(self, want: Wanted) -> None:
+        """Download, verify and put one file in place; FetchFailed naming its key if that fails."""
+        async with self.files:
+            try:
+                await self._download(want)
+            except StorageError as exc:
+                raise FetchFailed(f"cannot download {want.key}: {exc}") from exc
+            except safefs.Refused as exc:
+                raise FetchFailed(f"cannot write {want.key}: {exc}") from None
+            except OSError as exc:
+                raise FetchFailed(f"cannot write {os.path.join(self.root, want.path)} (key {want.key}): {exc}") from exc
+
+    async def _download(self, want: Wanted) -> None:
+        if want.size > self.chunk_size:  # one cheap request before several big ones
+            info = await self._retrying(functools.partial(self.storage.head, want.key), want)
+            if info is None:
+                raise FetchFailed(f"cannot download {want.key}: no such object")
+            if info.size != want.size:
+                raise FetchFailed(f"{want.key} is {info.size} bytes, expected {want.size}")
+        for attempt in range(1, ATTEMPTS + 1):
+            landed = [0]
+            try:
+                await self._attempt(want, landed)
+                return
+            except _Corrupt as exc:
+                self.advance(-landed[0])  # the bar goes back: fetched again
+                log.warning("downloaded file does not match", key=want.key, attempt=attempt, error=str(exc))
+                if attempt == ATTEMPTS:
+                    raise FetchFailed(f"{want.key} does not match after {ATTEMPTS} downloads: {exc}") from None
+
+    async def _attempt(self, want: Wanted, landed: list[int]) -> None:
+        opened: list[int] = []
+        tmp: str | None = None
+        try:
+            tmp = await _in_thread(_create, self.root_fd, self.root, want, opened)
+            offsets = iter(range(0, want.size, self.chunk_size))  # shared: each chunk is taken by one worker
+
+            async def worker() -> None:
+                for start in offsets:
+                    await self._chunk(want, opened[1], start, min(start + self.chunk_size, want.size), landed)
+
+            await all_or_cancel(worker() for _ in range(min(self.concurrency, -(-want.size // self.chunk_size))))
+            await _in_thread(_finish, opened, tmp, want, self.root)
+            tmp = None
+        finally:
+            if tmp is not None and opened:  # synchronous: it must happen even while being cancelled
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=opened[0])
+            for fd in opened:  # every writer thread has ended: _in_thread and all_or_cancel wait for them
+                os.close(fd)
+
+    async def _chunk(self, want: Wanted, fd: int, start: int, end: int, landed: list[int]) -> None:
+        async with self.chunks:
+            try:
+                data = await self._retrying(functools.partial(self.storage.get, want.key, start, end), want)
+            except StorageError as exc:
+                if exc.code != "InvalidRange":
+                    raise
+                raise _Corrupt(f"the object ends before byte {start}") from None
+            if len(data) != end - start:
+                raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
+            await _in_thread(_write_at, fd, data, start)
+        landed[0] += len(data)
+        self.advance(len(data))
+
+
+def _open_root(folder: str) -> int:
+    os.makedirs(folder, exist_ok=True)
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _check_space(root_fd: int, root: str, need: int) -> None:
+    st = os.statvfs(root_fd)
+    free = st.f_bavail * st.f_frsize
+    if need > free:  # fail before a byte is written, not after filling the disk
+        raise FetchFailed(f"not enough space in {root}: the files need {need} bytes, {free} free")
+
+
+async def fetch(
+    storage: Storage,
+    wanted: Sequence[Wanted],
+    folder: str,
+    *,
+    concurrency: int = 8,
+    chunk_size: int = 16 * MiB,
+    progress: Callable[[int, int], None] | None = None,
+    retry_window: float = 300.0,
+) -> FetchReport:
+    """Put every wanted file in place below `folder`; FetchFailed (naming key and path) if one cannot be.
+
+    `progress(done_bytes, total_bytes)` is called on the event loop as bytes land. Files already in
+    place with their manifest's bytes count as done at once.
+    """
+    started = time.monotonic()
+    if len({w.parts for w in wanted}) != len(wanted):
+        raise ValueError("a file is wanted twice")
+    folder = os.path.abspath(folder)  # noqa: ASYNC240 - no I/O: the current folder is known
+    try:
+        root_fd = await asyncio.to_thread(_open_root, folder)
+    except OSError as exc:
+        raise FetchFailed(f"cannot open the download folder {folder}: {exc}") from exc
+    try:
+        loader = _Fetcher(storage, (root_fd, folder), concurrency, chunk_size, progress, retry_window)
+        loader.total = sum(w.size for w in wanted)
+        try:
+            kept = await all_or_cancel(_in_thread(_kept, root_fd, folder, w) for w in wanted)
+        except safefs.Refused as exc:
+            raise FetchFailed(f"cannot download into {exc.path}: {exc}") from None
+        except OSError as exc:
+            raise FetchFailed(f"cannot read the download folder {folder}: {exc}") from exc
+        todo = [w for w, k in zip(wanted, kept, strict=True) if not k]
+        loader.advance(loader.total - sum(w.size for w in todo))
+        _check_space(root_fd, folder, sum(w.size for w in todo))
+        await all_or_cancel(loader.one(w) for w in todo)
+    finally:
+        os.close(root_fd)
+    return FetchReport(
+        files=len(wanted),
+        bytes=loader.total,
+        downloaded_files=len(todo),
+        downloaded_bytes=sum(w.size for w in todo),
+        kept_files=len(wanted) - len(todo),
+        seconds=round(time.monotonic() - started, 3),
+    )
