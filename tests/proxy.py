@@ -1,6 +1,7 @@
 """A TCP proxy on 127.0.0.1 that a test can take down and bring back: a store outage, for real.
 
 Down means the port refuses connections and open ones are cut, as when a store's endpoint dies.
+`bytes_to_client` counts what the server sent back through the proxy: what a command downloaded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class Proxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.bytes_to_client = 0  # server -> client, every connection, since the proxy was made
         self.up()
 
     @property
@@ -76,6 +78,9 @@ class Proxy:
                     if not data:
                         return
                     key.data.sendall(data)
+                    if key.fileobj is b:  # b is the upstream side: a reply on its way to the client
+                        with self._lock:
+                            self.bytes_to_client += len(data)
         except (OSError, ValueError):
             return
         finally:

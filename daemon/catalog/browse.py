@@ -27,6 +27,7 @@ MODES = ("min", "max")
 # ckptd's generated job ids start with their creation time (see config.schema._new_job_id).
 _GENERATED_ID = re.compile(r"(\d{8}t\d{6})-[0-9a-f]+")
 _MANIFEST_NAME = re.compile(r"rank-(0|[1-9][0-9]*)/(.*)\.json")
+_RANK_DIR = re.compile(r"rank-(0|[1-9][0-9]*)")
 
 
 class NotFound(LookupError):
@@ -269,3 +270,35 @@ def best(found: Iterable[Checkpoint], metric: str, mode: str) -> list[Checkpoint
 
 def checkpoint_named(found: Iterable[Checkpoint], name: str) -> Checkpoint | None:
     return next((c for c in found if c.name == name), None)
+
+
+# --- what is stored, committed or not (ls) ------------------------------------------------------
+
+
+async def stored_folders(storage: Storage, project: str, job_id: str) -> dict[int, list[str]]:
+    """Per rank with a `rank-N/` folder, the checkpoint folders stored there, committed or not
+    (delimited, paginated listings: no walk over the files)."""
+    names = await storage.list_dirs(layout.job_prefix(project, job_id))
+    ranks = sorted(int(n[5:]) for n in names if _RANK_DIR.fullmatch(n))
+    found = await asyncio.gather(*(storage.list_dirs(layout.rank_prefix(project, job_id, r)) for r in ranks))
+    return {r: sorted(n for n in names if layout.is_segment(n)) for r, names in zip(ranks, found, strict=True)}
+
+
+async def job_usage(storage: Storage, project: str, job_id: str) -> dict[str, Any]:
+    """What one paginated listing of the job tells without reading any object:
+    {ranks, files, bytes (checkpoint files of every rank), checkpoints (names with a manifest)}."""
+    prefix = layout.job_prefix(project, job_id)
+    ranks: set[int] = set()
+    committed: set[str] = set()
+    files = size = 0
+    async for info in storage.list(prefix):
+        rest = info.key[len(prefix) :]
+        if rest.startswith("manifests/"):
+            m = _MANIFEST_NAME.fullmatch(rest[len("manifests/") :])
+            if m and (not m.group(2) or layout.is_segment(m.group(2))):
+                committed.add(m.group(2) or layout.ROOT_CHECKPOINT)
+        elif (parsed := layout.parse_file_key(info.key)) is not None:
+            ranks.add(parsed.rank)
+            files += 1
+            size += info.size
+    return {"ranks": sorted(ranks), "files": files, "bytes": size, "checkpoints": len(committed)}
