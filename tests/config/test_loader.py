@@ -199,6 +199,7 @@ def test_every_setting_has_help_and_a_valid_default():
             "load_checkpoint_config",
             "retention",
             "training_checkpoints",
+            "environment_variables",
             "start_commands",
             "stop_timeout",
             "metrics_addr",
