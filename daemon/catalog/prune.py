@@ -1,0 +1,269 @@
+"""Deleting checkpoints from the store, in an order that never leaves a lie behind.
+
+Per checkpoint: a pruning record per rank first (`jobs/{job}/pruning/rank-N/{checkpoint}.json`),
+then its manifest on every rank (from here on it is not "committed": restore and `ls` no longer
+see it), then its files (`rank-N/{checkpoint}/`, the trailing '/' so that checkpoint-1 never
+matches checkpoint-10), then the records. A prune stopped anywhere (a crash, a store that fails)
+leaves its records behind and the next prune finishes them first, so no file is orphaned forever.
+
+A record is finished only while the checkpoint is still the one it recorded: when that rank has
+committed the checkpoint again since (another manifest, another commit time), the record is dropped
+and the new checkpoint left alone.
+
+Whole job: a job record (`pruning/job.json`), incomplete multipart uploads aborted, manifests
+deleted, then everything else under the job's prefix, the record last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import logs
+from daemon.catalog import browse, layout
+from daemon.catalog.browse import Checkpoint
+from daemon.catalog.jsonio import json_bytes, read_object, utc_now
+from daemon.catalog.retention import Decision
+from daemon.storage import ObjectInfo, Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
+
+CONCURRENCY = 16  # deletes in flight
+_RANK_DIR = re.compile(r"rank-(0|[1-9][0-9]*)")
+_RECORD = re.compile(r"rank-(0|[1-9][0-9]*)/(.+)\.json")
+log = logs.get(__name__)
+
+
+def records_prefix(project: str, job_id: str) -> str:
+    return layout.job_prefix(project, job_id) + "pruning/"
+
+
+def record_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
+    if checkpoint == layout.ROOT_CHECKPOINT:
+        raise ValueError("the root pseudo-checkpoint '.' is never pruned")
+    return f"{records_prefix(project, job_id)}rank-{rank}/{layout.check_relpath(checkpoint)}.json"
+
+
+def job_record_key(project: str, job_id: str) -> str:
+    return records_prefix(project, job_id) + "job.json"
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A pruning record left by a prune that did not finish."""
+
+    rank: int
+    checkpoint: str
+    committed_at: str | None  # of the manifest it was deleting; None: it had none, or unreadable
+
+
+@dataclass
+class Freed:
+    """What deleting one checkpoint (or a job: checkpoint None) removed."""
+
+    checkpoint: str | None
+    ranks: list[int] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+
+
+class Pruner:
+    """Deletes from one job of one store; StorageError (naming op and key) when the store fails
+    past `deadline`. Cancellation passes through; what it interrupts, the records finish later."""
+
+    def __init__(
+        self, storage: Storage, project: str, job_id: str, *, deadline: Deadline, concurrency: int = CONCURRENCY
+    ) -> None:
+        self.storage, self.project, self.job_id = storage, project, job_id
+        self.deadline, self.concurrency = deadline, concurrency
+
+    async def _retry(self, call: Any) -> Any:
+        return await retrying(call, deadline=self.deadline, counter=None, context={"job_id": self.job_id})
+
+    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> Freed:
+        """Delete `checkpoint` on every rank of `committed` (rank -> its manifest's committed_at)."""
+        ranks = sorted(committed)
+        for rank in ranks:
+            record = {"checkpoint": checkpoint, "rank": rank, "committed_at": committed[rank], "started_at": utc_now()}
+            key = record_key(self.project, self.job_id, rank, checkpoint)
+            await self._retry(lambda key=key, record=record: self.storage.put(key, json_bytes(record)))
+        return await self._finish(checkpoint, ranks)
+
+    async def _finish(self, checkpoint: str, ranks: list[int]) -> Freed:
+        for rank in ranks:  # first: from here on no reader takes it for a committed checkpoint
+            key = layout.manifest_key(self.project, self.job_id, rank, checkpoint)
+            await self._retry(lambda key=key: self.storage.delete(key))
+        freed = Freed(checkpoint, ranks)
+        for rank in ranks:
+            prefix = f"{layout.rank_prefix(self.project, self.job_id, rank)}{checkpoint}/"
+            files, size = await self._delete_all(self.storage.list(prefix))
+            freed.files, freed.bytes = freed.files + files, freed.bytes + size
+        for rank in ranks:
+            key = record_key(self.project, self.job_id, rank, checkpoint)
+            await self._retry(lambda key=key: self.storage.delete(key))
+        return freed
+
+    async def interrupted(self, ranks: Iterable[int] | None = None) -> list[Interrupted]:
+        """The pruning records in the store (of `ranks` only, if given), by rank and name."""
+        wanted = None if ranks is None else set(ranks)
+        prefix = records_prefix(self.project, self.job_id)
+        found: list[tuple[int, str, str]] = []
+        async for info in self.storage.list(prefix):
+            m = _RECORD.fullmatch(info.key[len(prefix) :])
+            if m and layout.is_segment(m.group(2)) and (wanted is None or int(m.group(1)) in wanted):
+                found.append((int(m.group(1)), m.group(2), info.key))
+        records = await asyncio.gather(*(read_object(self.storage, key) for _, _, key in found))
+        out = []
+        for (rank, checkpoint, _), record in zip(found, records, strict=True):
+            stamp = record.get("committed_at") if record is not None else None
+            out.append(Interrupted(rank, checkpoint, stamp if isinstance(stamp, str) else None))
+        return sorted(out, key=lambda i: (i.rank, i.checkpoint))
+
+    async def resume(self, record: Interrupted, committed_at: str | None) -> Freed | None:
+        """Finish an interrupted prune, given the rank's manifest of the checkpoint now (its
+        committed_at, None when it has none). None when it was committed again since: then only
+        the record goes."""
+        if committed_at is not None and committed_at != record.committed_at:
+            log.warning(
+                "interrupted prune not finished: the checkpoint was committed again since",
+                checkpoint=record.checkpoint,
+                rank=record.rank,
+            )
+            key = record_key(self.project, self.job_id, record.rank, record.checkpoint)
+            await self._retry(lambda: self.storage.delete(key))
+            return None
+        return await self._finish(record.checkpoint, [record.rank])
+
+    async def delete_job(self) -> Freed:
+        """Delete everything of the job: uploads in progress, manifests first, then the rest."""
+        record = job_record_key(self.project, self.job_id)
+        prefix = layout.job_prefix(self.project, self.job_id)
+        body = json_bytes({"job_id": self.job_id, "started_at": utc_now()})
+        await self._retry(lambda: self.storage.put(record, body))
+        for upload in await self._retry(lambda: self.storage.list_multipart_uploads(prefix)):
+            await self._retry(lambda upload=upload: self.storage.abort_multipart(upload.key, upload.upload_id))
+        freed = Freed(None)
+        for part in (prefix + "manifests/", prefix):
+            files, size = await self._delete_all(self.storage.list(part), skip=record)
+            freed.files, freed.bytes = freed.files + files, freed.bytes + size
+        await self._retry(lambda: self.storage.delete(record))
+        return freed
+
+    async def _delete_all(self, listing: AsyncIterator[ObjectInfo], skip: str | None = None) -> tuple[int, int]:
+        """Delete every listed object, `concurrency` at a time, as the listing pages in; (count,
+        bytes). The first failure stops it (the deletes in flight finish) and is raised."""
+        limit = asyncio.Semaphore(self.concurrency)
+        failures: list[StorageError] = []
+        done = [0, 0]
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(info: ObjectInfo) -> None:
+            try:
+                await self._retry(lambda: self.storage.delete(info.key))
+            except StorageError as e:
+                failures.append(e)
+            else:
+                done[0], done[1] = done[0] + 1, done[1] + info.size
+            finally:
+                limit.release()
+
+        try:
+            async with contextlib.aclosing(listing):  # type: ignore[type-var]  # every backend's is a generator
+                async for info in listing:
+                    if failures:
+                        break
+                    if info.key != skip:
+                        await limit.acquire()
+                        task = asyncio.create_task(one(info))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)  # `one` raises nothing but cancellation
+        except BaseException:  # a listing failure or a cancel: no delete outlives this call
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if failures:
+            raise failures[0]
+        return done[0], done[1]
+
+
+@dataclass
+class Survey:
+    """What a prune decides on: the job's committed checkpoints (less the ranks an interrupted
+    prune was deleting), which ranks store files of which checkpoint, and the interrupted prunes
+    with the commit time of the rank's manifest now (None: it has none)."""
+
+    checkpoints: list[Checkpoint]
+    stored_ranks: dict[str, set[int]]
+    interrupted: list[tuple[Interrupted, str | None]]
+    being_deleted: bool  # a whole-job delete was interrupted
+
+
+async def survey(storage: Storage, project: str, job_id: str, ranks: Iterable[int] | None = None) -> Survey:
+    """Look at the job (every rank, or only `ranks`): manifests, checkpoint folders, records."""
+    wanted = None if ranks is None else sorted(set(ranks))
+    pruner = Pruner(storage, project, job_id, deadline=Deadline())
+    found, stored, records, job_record = await asyncio.gather(
+        browse.checkpoints(storage, project, job_id, ranks=wanted),
+        stored_ranks(storage, project, job_id, wanted),
+        pruner.interrupted(wanted),
+        storage.head(job_record_key(project, job_id)),
+    )
+    by_name = {c.name: dict(c.manifests) for c in found}
+    interrupted = []
+    for record in records:
+        manifest = by_name.get(record.checkpoint, {}).get(record.rank)
+        now = manifest["committed_at"] if manifest is not None else None
+        interrupted.append((record, now))
+        if now is not None and now == record.committed_at:  # being deleted: not committed any more
+            del by_name[record.checkpoint][record.rank]
+    checkpoints = [Checkpoint(name, manifests) for name, manifests in sorted(by_name.items()) if manifests]
+    return Survey(checkpoints, stored, interrupted, job_record is not None)
+
+
+async def stored_ranks(
+    storage: Storage, project: str, job_id: str, ranks: Iterable[int] | None = None
+) -> dict[str, set[int]]:
+    """checkpoint -> the ranks storing files in its folder: one folder listing per rank."""
+    if ranks is None:
+        names = await storage.list_dirs(layout.job_prefix(project, job_id))
+        ranks = [int(m.group(1)) for n in names if (m := _RANK_DIR.fullmatch(n))]
+    ranks = sorted(set(ranks))
+    listed = await asyncio.gather(*(storage.list_dirs(layout.rank_prefix(project, job_id, r)) for r in ranks))
+    out: dict[str, set[int]] = {}
+    for rank, names in zip(ranks, listed, strict=True):
+        for name in names:
+            if layout.is_segment(name):
+                out.setdefault(name, set()).add(rank)
+    return out
+
+
+async def execute(
+    pruner: Pruner,
+    found: Survey,
+    decisions: Iterable[Decision],
+    done: Callable[[Freed, Decision | None], None] = lambda freed, decision: None,
+) -> list[Freed]:
+    """Finish the interrupted prunes, then delete what the plan deletes, one checkpoint at a time;
+    `done` hears of each (decision None: an interrupted one). Stops at the first StorageError."""
+    freed = []
+    for record, committed_at in found.interrupted:
+        result = await pruner.resume(record, committed_at)
+        if result is not None:
+            freed.append(result)
+            done(result, None)
+    for decision in decisions:
+        if decision.delete and decision.checkpoint is not None:
+            committed = {rank: m["committed_at"] for rank, m in decision.checkpoint.manifests.items()}
+            result = await pruner.prune(decision.name, committed)
+            freed.append(result)
+            done(result, decision)
+    return freed
+
+
+def describe_record(record: Interrupted) -> dict[str, Any]:
+    return {"checkpoint": record.checkpoint, "rank": record.rank, "committed_at": record.committed_at}

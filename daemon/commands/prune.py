@@ -1,0 +1,196 @@
+"""`ckptd prune`: retention by rules (latest N, best K by a metric, every S steps), or a whole job.
+
+Prints the plan and deletes nothing unless --yes. Exit codes: 0 done (or nothing to delete),
+5 (exits.PLANNED) the plan would delete something and --yes was not given, 1 an unknown job, a
+missing metric or a store error, 2 contradictory or missing flags.
+
+--json prints one object:
+    project, job_id, rules {keep_last, keep_best, metric, mode, keep_every_steps}, dry_run,
+    checkpoints: [{checkpoint, step, metric (the value of rules.metric, or null), bytes, files,
+                   ranks, committed_at, action ("keep" | "delete"), reasons, uncommitted_ranks}],
+    interrupted: [{checkpoint, rank, committed_at}]  (earlier prunes that did not finish),
+    to_delete, bytes_to_free,
+    and with --yes: deleted: [{checkpoint, ranks, files, bytes, interrupted}], bytes_freed.
+With --all: project, job_id, all, dry_run, files, bytes, and with --yes deleted_files, bytes_freed.
+Reasons a checkpoint is kept: root, in_progress, uncommitted, latest, keep_last, keep_best,
+keep_every_steps (see daemon.catalog.retention).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from daemon import exits
+from daemon.catalog import browse, layout, prune, retention
+from daemon.catalog.manifest import parse_step
+from daemon.commands import show
+from daemon.config import Config
+from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline
+
+RETRY_SECONDS = 120.0  # how long transient store errors are retried before the prune stops
+
+
+def rules_of(c: Config) -> retention.Rules:
+    return retention.Rules(
+        keep_last=c.keep_last,
+        keep_best=c.keep_best,
+        metric=c.metric,
+        mode=c.mode,
+        keep_every_steps=c.keep_every_steps,
+    )
+
+
+def main(c: Config, args: argparse.Namespace) -> int:
+    try:
+        rules = rules_of(c)
+    except ValueError as e:
+        return show.fail(str(e), exits.CONFIG)
+    if "job_id" not in c.explicit:
+        what = "--all needs --job J: which job to delete?" if args.all else "prune needs --job J: which job?"
+        return show.fail(what, exits.CONFIG)
+    if args.all and not rules.empty:
+        return show.fail("--all deletes the whole job: it takes no --keep-* rule", exits.CONFIG)
+    if not args.all and rules.empty:
+        return show.fail(str(retention.NoRules()) + ", or --all to delete the whole job", exits.CONFIG)
+    import uvloop
+
+    from daemon.commands.common import storage_for
+
+    async def go() -> int:
+        async with storage_for(c) as storage:
+            try:
+                project = await browse.project_of(storage, c.job_id, c.project)
+                if project is None:
+                    return show.fail(f"job {c.job_id!r} not found in {storage.url}")
+                if args.all:
+                    return await _whole_job(storage, project, c.job_id, args)
+                return await _by_rules(storage, project, c.job_id, rules, args)
+            except (browse.AmbiguousJob, browse.MissingMetric) as e:
+                return show.fail(str(e))
+            except StorageError as e:
+                return show.fail(f"prune of job {c.job_id!r} stopped: {e}; run it again to finish")
+
+    return uvloop.run(go())
+
+
+async def _by_rules(storage: Storage, project: str, job_id: str, rules: retention.Rules, args: Any) -> int:
+    found = await prune.survey(storage, project, job_id)
+    if found.being_deleted:
+        return show.fail(f"job {job_id!r} is being deleted (an earlier prune --all stopped); finish with --all --yes")
+    decisions = retention.plan(found.checkpoints, rules, stored_ranks=found.stored_ranks)  # MissingMetric
+    report = _report(project, job_id, rules, decisions, found, dry_run=not args.yes)
+    if not args.yes:
+        _print(report, rules, args.json)
+        return exits.PLANNED if report["to_delete"] or report["interrupted"] else exits.OK
+    deleted: list[dict[str, Any]] = []
+
+    def done(freed: prune.Freed, decision: retention.Decision | None) -> None:
+        deleted.append(
+            {
+                "checkpoint": freed.checkpoint,
+                "ranks": freed.ranks,
+                "files": freed.files,
+                "bytes": freed.bytes,
+                "interrupted": decision is None,
+            }
+        )
+
+    pruner = prune.Pruner(storage, project, job_id, deadline=_deadline())
+    try:
+        await prune.execute(pruner, found, decisions, done)
+    finally:  # what was deleted before a failure is reported too
+        report["deleted"] = deleted
+        report["bytes_freed"] = sum(d["bytes"] for d in deleted)
+        _print(report, rules, args.json)
+    return exits.OK
+
+
+def _deadline() -> Deadline:
+    return Deadline.after(RETRY_SECONDS)
+
+
+def _report(
+    project: str,
+    job_id: str,
+    rules: retention.Rules,
+    decisions: list[retention.Decision],
+    found: prune.Survey,
+    *,
+    dry_run: bool,
+) -> dict[str, Any]:
+    rows = [_row(d, rules) for d in decisions]
+    deleting = [r for r in rows if r["action"] == "delete"]
+    return {
+        "project": project,
+        "job_id": job_id,
+        "rules": rules.describe(),
+        "dry_run": dry_run,
+        "checkpoints": rows,
+        "interrupted": [prune.describe_record(record) for record, _ in found.interrupted],
+        "to_delete": len(deleting),
+        "bytes_to_free": sum(r["bytes"] or 0 for r in deleting),
+    }
+
+
+def _row(d: retention.Decision, rules: retention.Rules) -> dict[str, Any]:
+    c = d.checkpoint
+    return {
+        "checkpoint": d.name,
+        "step": c.step if c is not None else parse_step(d.name),
+        "metric": c.metric(rules.metric) if c is not None and rules.metric else None,
+        "bytes": c.total_bytes if c is not None else None,
+        "files": c.file_count if c is not None else None,
+        "ranks": c.ranks if c is not None else [],
+        "committed_at": c.committed_at if c is not None else None,
+        "action": "keep" if d.keep else "delete",
+        "reasons": list(d.reasons),
+        "uncommitted_ranks": list(d.uncommitted_ranks),
+    }
+
+
+def _print(report: dict[str, Any], rules: retention.Rules, as_json: bool) -> None:
+    if as_json:
+        show.print_json(report)
+        return
+    rows = [
+        {**r, "size": show.human_bytes(r["bytes"]), "why": ", ".join(r["reasons"]) or "; ".join(rules.not_kept())}
+        for r in report["checkpoints"]
+    ]
+    columns = [("checkpoint", "CHECKPOINT"), ("step", "STEP")]
+    columns += [("metric", rules.metric.upper())] if rules.metric else []
+    columns += [("size", "SIZE"), ("action", "ACTION"), ("why", "WHY")]
+    show.print_table(rows, columns, title=f"prune plan for job {report['job_id']} ({report['project']})")
+    for record in report["interrupted"]:
+        print(f"interrupted prune of {record['checkpoint']} on rank {record['rank']}: finished with --yes")
+    if "deleted" not in report:
+        free = show.human_bytes(report["bytes_to_free"])
+        print(f"would delete {report['to_delete']} checkpoint(s), {free}; nothing deleted without --yes")
+        return
+    for d in report["deleted"]:
+        what = "finished interrupted prune of" if d["interrupted"] else "deleted"
+        ranks = ",".join(map(str, d["ranks"]))
+        print(f"{what} {d['checkpoint']} (rank {ranks}): {d['files']} files, {show.human_bytes(d['bytes'])}")
+    print(f"freed {show.human_bytes(report['bytes_freed'])} ({report['bytes_freed']} bytes)")
+
+
+async def _whole_job(storage: Storage, project: str, job_id: str, args: Any) -> int:
+    report: dict[str, Any] = {"project": project, "job_id": job_id, "all": True, "dry_run": not args.yes}
+    files = size = 0
+    async for info in storage.list(layout.job_prefix(project, job_id)):
+        files, size = files + 1, size + info.size
+    report.update(files=files, bytes=size)
+    if args.yes:
+        freed = await prune.Pruner(storage, project, job_id, deadline=_deadline()).delete_job()
+        report.update(deleted_files=freed.files, bytes_freed=freed.bytes)
+    if args.json:
+        show.print_json(report)
+    elif args.yes:
+        print(f"deleted job {job_id} ({project}): {freed.files} objects, {show.human_bytes(freed.bytes)}")
+    else:
+        total = f"{files} objects, {show.human_bytes(size)}"
+        print(f"would delete job {job_id} ({project}): {total}; nothing deleted without --yes")
+    if not args.yes:
+        return exits.PLANNED if files else exits.OK
+    return exits.OK
