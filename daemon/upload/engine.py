@@ -28,6 +28,7 @@ from daemon.upload.intake import Intake
 from daemon.upload.pin import Staging
 from daemon.upload.publish import Publisher
 from daemon.upload.queue import LARGE, SMALL, Job, UploadQueue
+from daemon.upload.retain import Retainer
 from daemon.upload.statedir import is_state, journal_path, staging_dir
 from daemon.upload.status import UploadStatus
 from daemon.upload.tasks import Tasks
@@ -68,6 +69,9 @@ class Engine:
         self.queue = UploadQueue(c.multipart_threshold)
         self.tracker = CheckpointTracker(c.markers, c.quiet_commit)
         self.publisher = Publisher(c, storage, self.tracker, self.deadline, self.health)
+        self.retainer = Retainer(c, storage, self._busy) if c.prune_enabled else None
+        if self.retainer is not None:
+            self.publisher.on_commit = self.retainer.committed
         self.intake = Intake(
             root=root,
             staging=self.staging,
@@ -127,6 +131,11 @@ class Engine:
     def key(self, relpath: str) -> str:
         return layout.file_key(self.c.project, self.c.job_id, self.c.node_rank, relpath)
 
+    def _busy(self) -> set[str]:
+        """Checkpoints with a file not yet stored (settling, queued, in flight, failed) or not committed."""
+        files = [*self.intake.settler.settling(), *(j.relpath for j in self.queue.pending())]
+        return {layout.checkpoint_of(relpath) for relpath in files} | set(self.tracker.uncommitted())
+
     def lower_priority(self) -> dict:
         """Lower this process's priority, except the detector's threads, which pin files that
         rotation may delete any moment (niceness is per thread on Linux)."""
@@ -146,6 +155,8 @@ class Engine:
             for i in range(count):
                 self.tasks.spawn(lambda lane=lane: self.uploader.run(lane), f"upload-{lane}-{i}")
         self.tasks.spawn(self.publisher.run, "commit")
+        if self.retainer is not None:
+            self.tasks.spawn(self.retainer.run, "retain")
         self.tasks.every(c.rescan_interval, self.intake.rescan, "rescan")
         self.tasks.every(JOURNAL_SYNC, self.journal.sync, "journal")
         if c.min_free_bytes:
@@ -213,6 +224,8 @@ class Engine:
             await asyncio.sleep(DRAIN_POLL)
         succeeded = exit_code in (None, exits.OK)
         await self.publisher.commit_due(final=success)
+        if self.retainer is not None:  # the last commits' retention, before the tasks are cancelled
+            await self.retainer.final(self.deadline)
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
         not_stored = {j.relpath for j in self.queue.pending()} | set(settler.settling())
         not_stored |= set(self.tracker.unstorable_files())  # never stored: their checkpoints stay uncommitted

@@ -10,6 +10,7 @@ import asyncio
 import os
 import stat
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -38,6 +39,7 @@ class Publisher:
         self._commit_lock = asyncio.Lock()
         self._metadata_lock = asyncio.Lock()
         self._unprovable: set[str] = set()  # warned about once
+        self.on_commit: Callable[[str], None] | None = None  # told each checkpoint committed (retention)
 
     def wake(self) -> None:
         """A file was stored: a checkpoint may be complete."""
@@ -98,6 +100,8 @@ class Publisher:
         metrics.LAST_COMMIT_TIME.set(time.time())
         if step is not None:
             metrics.LAST_COMMITTED_STEP.set(step)
+        if self.on_commit is not None:
+            self.on_commit(checkpoint)
         log.info(
             "checkpoint committed",
             checkpoint=checkpoint,

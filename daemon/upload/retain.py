@@ -1,0 +1,95 @@
+"""Retention while training (opt-in, `--prune` / `retention.enabled`): after commits, the job's
+retention rules are applied to THIS rank's stored checkpoints, as `ckptd prune` would.
+
+Never deleted here: what `retention.plan` protects (the latest, '.', anything not committed), any
+checkpoint with files pending or in flight in this daemon, and the checkpoints committed since the
+last pass. A pass runs after commits, one at a time; a failure (the store, a metric no checkpoint
+records yet) is logged and the pass runs again at the next commit: uploads never wait on it, nor
+fail because of it. Each deletion is one log line and counted in ckptd_pruned_checkpoints_total
+and ckptd_pruned_bytes_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from daemon import metrics
+from daemon.catalog import browse, prune, retention
+from daemon.config import Config
+from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline
+
+PASS_RETRY = 30.0  # seconds a pass retries transient store errors before it waits for the next commit
+log = structlog.get_logger()
+
+
+def rules_of(c: Config) -> retention.Rules:
+    return retention.Rules(c.keep_last, c.keep_best, c.metric, c.mode, c.keep_every_steps)
+
+
+class Retainer:
+    def __init__(self, config: Config, storage: Storage, busy: Callable[[], Iterable[str]]) -> None:
+        """`busy()`: the checkpoints with files this daemon has not stored or committed yet."""
+        self.c, self.storage, self.busy = config, storage, busy
+        self.rules = rules_of(config)
+        self._due = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._fresh: set[str] = set()  # committed since the last pass
+
+    def committed(self, checkpoint: str) -> None:
+        """The publisher's hook: a manifest was written."""
+        self._fresh.add(checkpoint)
+        self._due.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._due.wait()
+            await self.apply(Deadline.after(PASS_RETRY))
+
+    async def final(self, drain: Deadline) -> None:
+        """One last pass at the drain if anything committed since the last one, within the drain's
+        deadline (and PASS_RETRY)."""
+        if self._due.is_set():
+            at = time.monotonic() + PASS_RETRY
+            await self.apply(Deadline(at if drain.at is None else min(at, drain.at)))
+
+    async def apply(self, deadline: Deadline) -> list[prune.Freed]:
+        """One pass; what it deleted. Failures are logged, never raised (cancellation is)."""
+        async with self._lock:
+            self._due.clear()
+            fresh, self._fresh = self._fresh, set()
+            try:
+                return await self._pass(fresh, deadline)
+            except (StorageError, browse.MissingMetric) as e:
+                log.error("retention pass failed; it runs again at the next commit", error=str(e))
+                return []
+
+    async def _pass(self, fresh: set[str], deadline: Deadline) -> list[prune.Freed]:
+        c = self.c
+        found = await prune.survey(self.storage, c.project, c.job_id, [c.node_rank])
+        if found.being_deleted:
+            log.warning("retention pass skipped: the job is being deleted (prune --all)")
+            return []
+        busy = set(self.busy()) | fresh
+        found.interrupted = [(r, now) for r, now in found.interrupted if r.checkpoint not in busy]
+        decisions = retention.plan(found.checkpoints, self.rules, stored_ranks=found.stored_ranks, in_progress=busy)
+        pruner = prune.Pruner(self.storage, c.project, c.job_id, deadline=deadline)
+        return await prune.execute(pruner, found, decisions, self._pruned)
+
+    def _pruned(self, freed: prune.Freed, decision: retention.Decision | None) -> None:
+        metrics.PRUNED_CHECKPOINTS.inc()
+        metrics.PRUNED_BYTES.inc(freed.bytes)
+        step = decision.checkpoint.step if decision is not None and decision.checkpoint is not None else None
+        why = self.rules.not_kept() if decision is not None else ["finished an interrupted prune"]
+        log.info(
+            "checkpoint pruned",
+            checkpoint=freed.checkpoint,
+            step=step,
+            bytes=freed.bytes,
+            files=freed.files,
+            reasons=why,
+        )
