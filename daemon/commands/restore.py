@@ -1,7 +1,19 @@
 """`ckptd restore`: the init container. Also the first phase of `ckptd run`.
 
+What to restore: `load_checkpoint_config.checkpoints` of the config file, or `--load` /
+`$CKPTD_LOAD` (`job=J;project=P,metric=eval_loss,mode=min;job=J,checkpoint=checkpoint-20,required`,
+see daemon/config/refs.py). Files land in `{restore dir}/rank-{N}/`, and the top of the restore
+folder links to this rank's restored checkpoints and root files (daemon/restore/links.py).
+
+`--json` prints the restore report (also written to `{restore dir}/ckptd-restore.json`): files,
+bytes, downloaded_files, downloaded_bytes, kept_files, seconds; restored: one entry per reference
+that restored something (ref, project, job_id, source_rank, checkpoint, step, committed_at, target,
+files, bytes, root_files); missing: optional references that matched nothing; refused: optional
+references whose folder was in the way; links: the names linked at the top of the restore folder.
+
 Exit codes: 0 restored (or nothing asked / nothing matched an optional reference), 2 two
-references land on one path, 3 a required reference matched nothing or a download failed.
+references land on one path (or bring one root file with different bytes), 3 a required reference
+matched nothing or a download failed.
 """
 
 from __future__ import annotations

@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from daemon.catalog import layout
 from daemon.restore import safefs
+from daemon.restore.plan import Unit
 
 SUMMARY = "ckptd-restore.json"
 TMP_PREFIX = ".tmp-ckptd-link-"
@@ -55,6 +56,17 @@ def linkable(name: str) -> bool:
         and name != SUMMARY
         and not name.startswith(".tmp-ckptd-")
     )
+
+
+def names_of(units: Sequence[Unit], refused: Sequence[str]) -> list[str]:
+    """What a restore put (or found) in the rank folder: checkpoint folders and root files, less
+    the units of references it refused."""
+    names = []
+    for unit in units:
+        if set(unit.refs) & set(refused):
+            continue
+        names += [i.relpath for i in unit.items] if unit.name == layout.ROOT_CHECKPOINT else [unit.name]
+    return names
 
 
 def target_of(name: str, rank: int) -> str:

@@ -10,13 +10,14 @@ references is required if either is):
 
 | failure                                                  | required | optional                      |
 |----------------------------------------------------------|----------|-------------------------------|
-| matches no committed checkpoint                          | exit 3   | warning, from scratch         |
-| its named manifest is unusable (resolve.py)              | exit 3   | warning, from scratch         |
+| matches no committed checkpoint (best: no candidate records its metric) | exit 3 | warning, from scratch |
+| a manifest it needs is unusable (resolve.py)             | exit 3   | warning, from scratch         |
 | a link or special file where its files or folders go     | exit 3   | error logged, not restored    |
 | an object missing, or not the size or bytes listed       | exit 3   | exit 3: the store lies        |
 | a file that would land outside its folder                | exit 3   | exit 3                        |
-| two references on one folder                             | exit 2   | exit 2                        |
+| two references on one folder, or one root file with other bytes | exit 2 | exit 2               |
 | too little free space for what must be downloaded        | exit 3   | exit 3                        |
+| a link at the top of the restore folder cannot be made (links.py) | exit 3 | exit 3              |
 
 After any failure or a kill, no folder holds a completion marker while missing a file: folders
 already put in place are complete, the others were never made visible.
@@ -35,7 +36,6 @@ from typing import Any
 import structlog
 
 from daemon import metrics
-from daemon.catalog import layout
 from daemon.catalog.jsonio import json_bytes, utc_now
 from daemon.config.refs import CheckpointRef
 from daemon.config.schema import DEFAULT_MARKERS
@@ -136,16 +136,6 @@ def _refuse(units: Sequence[Unit], exc: safefs.Refused, refused: list[str]) -> N
     for unit in units:
         log.error("checkpoint not restored: its folder is in the way", refs=unit.refs, error=str(exc))
         refused += unit.refs
-
-
-def _placed_names(units: Sequence[Unit], refused: Sequence[str]) -> list[str]:
-    """What the restore put (or found) in the rank folder: checkpoint folders and root files."""
-    names = []
-    for unit in units:
-        if set(unit.refs) & set(refused):
-            continue
-        names += [i.relpath for i in unit.items] if unit.name == layout.ROOT_CHECKPOINT else [unit.name]
-    return names
 
 
 def _finish(restore_dir: str, rank: int, report: RestoreReport, names: Sequence[str]) -> None:
@@ -291,7 +281,7 @@ async def restore(
         refused,
     )
     try:
-        await asyncio.to_thread(_finish, restore_dir, rank, report, _placed_names(units, refused))
+        await asyncio.to_thread(_finish, restore_dir, rank, report, links.names_of(units, refused))
     except OSError as exc:
         raise RestoreFailed(f"cannot write {SUMMARY} in {restore_dir}: {exc}") from exc
     metrics.RESTORE_DURATION.set(report.seconds)
