@@ -126,6 +126,6 @@ def test_ckptd_restore_runs_with_the_rendered_pod_settings(tmp_path: Path, requi
 def test_config_map_names_only_settings_ckptd_knows(tmp_path: Path) -> None:
     docs = render({"restore": {"enabled": True}, "ckptd": {"config": {"upload": {"bogus": 1}}}})
     with pytest.raises(loader.ConfigError, match=r"upload\.bogus"):
-        loader.read_config_file(str(config_file(docs, tmp_path)))
+        loader.read_settings(str(config_file(docs, tmp_path)))
     parsed = yaml.safe_load(charts.one(render({}), "ConfigMap")["data"]["config.yaml"])
     assert set(parsed) == {"checkpointing_config", "load_checkpoint_config"}
