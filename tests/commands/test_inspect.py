@@ -18,9 +18,43 @@ from proxy import Proxy
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from daemon.commands.inspect import BadPath, Target, parse_target
+
 KIND = "integration"
 
 MiB = 1 << 20
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "path, target",
+    [
+        ("rank-0/checkpoint-10/model.safetensors", Target(0, "checkpoint-10", "model.safetensors")),
+        ("rank-1/checkpoint-10/sub/a.safetensors", Target(1, "checkpoint-10", "sub/a.safetensors")),
+        ("rank-0/checkpoint-10/", Target(0, "checkpoint-10", None)),
+        ("rank-0/checkpoint-10", Target(0, "checkpoint-10", None)),
+        ("checkpoint-10", Target(None, "checkpoint-10", None)),
+        ("checkpoint-10/", Target(None, "checkpoint-10", None)),
+        ("checkpoint-10/model.safetensors", Target(None, "checkpoint-10", "model.safetensors")),
+        ("rank-0/model.safetensors", Target(0, ".", "model.safetensors")),
+        ("rank-0/latest/", Target(0, "latest", None)),
+        ("rank-01/x", Target(None, "rank-01", "x")),  # not a rank folder name: a checkpoint's
+        ("rank-0", BadPath),
+        ("rank-0/", BadPath),
+        ("", BadPath),
+        ("/abs/model.safetensors", BadPath),
+        ("a/../b", BadPath),
+        ("a//b", BadPath),
+        (".", BadPath),
+        ("rank-0/checkpoint-10/sub/", BadPath),
+    ],
+)
+def test_parse_target(path: str, target) -> None:
+    if target is BadPath:
+        with pytest.raises(BadPath, match="PATH"):
+            parse_target(path)
+    else:
+        assert parse_target(path) == target
 
 
 def inspect(job, *args: str) -> dict:

@@ -3,16 +3,67 @@ user runs it: a subprocess against moto and the JuiceFS gateway, `--json` parsed
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from datetime import datetime
 
+import pytest
 from daemons import PREFIX, base_env
+
+from daemon.commands import show
+from daemon.commands.ls import level_of
+from daemon.config import load
 
 KIND = "integration"
 
 NAMES_LATEST_FIRST = ["checkpoint-40", "checkpoint-30", "checkpoint-20", "checkpoint-10", "."]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "checkpoint, flags, env, level",
+    [
+        ("latest", {"job_id": "j", "project": "p"}, {}, "files"),
+        ("checkpoint-10", {}, {}, "files"),
+        (None, {"job_id": "j"}, {}, "checkpoints"),
+        (None, {}, {"BT_TRAINING_JOB_ID": "j"}, "checkpoints"),  # inside a job's container: that job
+        (None, {"job_id": "j", "project": "p"}, {}, "checkpoints"),
+        (None, {"project": "p"}, {}, "jobs"),
+        (None, {}, {"CKPTD_PROJECT": "p"}, "jobs"),
+        (None, {"storage": "file:///tmp/x"}, {}, "projects"),
+        (None, {}, {}, "projects"),
+    ],
+)
+def test_level_of(checkpoint: str | None, flags: dict, env: dict, level: str) -> None:
+    config = load(flags, env)
+    assert level_of(config, argparse.Namespace(checkpoint=checkpoint)) == level
+
+
+ROWS = [{"n": "a", "v": 3}, {"n": "b", "v": None}, {"n": "c", "v": 1}, {"n": "d", "v": 1}, {"n": "e", "v": "x"}]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "field, reverse, order",
+    [
+        ("v", False, "cdaeb"),  # ascending, ties (c, d) kept, text after numbers, missing last
+        ("v", True, "eacdb"),  # descending, ties still kept in order, missing still last
+        ("n", True, "edcba"),
+        (None, False, "abcde"),  # the default order
+        (None, True, "edcba"),
+    ],
+)
+def test_sort_rows(field: str | None, reverse: bool, order: str) -> None:
+    rows = show.sort_rows(ROWS, field, ["n", "v"], reverse=reverse)
+    assert "".join(r["n"] for r in rows) == order
+
+
+@pytest.mark.unit
+def test_sort_rows_refuses_an_unknown_field_naming_the_accepted_ones() -> None:
+    with pytest.raises(show.UnknownField, match="--sort 'w': unknown field; accepted: n, v"):
+        show.sort_rows(ROWS, "w", ["n", "v"])
 
 
 def ls(job, *args: str) -> dict:
