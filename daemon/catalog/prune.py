@@ -1,10 +1,15 @@
 """Deleting checkpoints from the store, in an order that never leaves a lie behind.
 
 Per checkpoint: a pruning record per rank first (`jobs/{job}/pruning/rank-N/{checkpoint}.json`),
-then its manifest on every rank (from here on it is not "committed": restore and `ls` no longer
-see it), then its files (`rank-N/{checkpoint}/`, the trailing '/' so that checkpoint-1 never
-matches checkpoint-10), then the records. A prune stopped anywhere (a crash, a store that fails)
-leaves its records behind and the next prune finishes them first, so no file is orphaned forever.
+then on every rank a tombstone and its manifest (from here on it is not "committed": restore and
+`ls` no longer see it), then its files (`rank-N/{checkpoint}/`, the trailing '/' so that
+checkpoint-1 never matches checkpoint-10), then the records. A prune stopped anywhere (a crash, a
+store that fails) leaves its records behind and the next prune finishes them first, so no file is
+orphaned forever.
+
+The tombstone (`jobs/{job}/pruned/rank-N/{checkpoint}.json`) stays: what the manifest listed
+(path, key, size, sha256), committed_at and pruned_at, so that a daemon restarted on the same
+folder, whose journal says these files are stored, neither commits nor uploads them again.
 
 A record is finished only while the checkpoint is still the one it recorded: when that rank has
 committed the checkpoint again since (another manifest, another commit time), the record is dropped
@@ -27,6 +32,7 @@ from daemon import logs
 from daemon.catalog import browse, layout
 from daemon.catalog.browse import Checkpoint
 from daemon.catalog.jsonio import json_bytes, read_object, utc_now
+from daemon.catalog.manifest import read_manifest
 from daemon.catalog.retention import Decision
 from daemon.storage import ObjectInfo, Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
@@ -41,10 +47,18 @@ def records_prefix(project: str, job_id: str) -> str:
     return layout.job_prefix(project, job_id) + "pruning/"
 
 
-def record_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
+def _per_checkpoint(prefix: str, rank: int, checkpoint: str) -> str:
     if checkpoint == layout.ROOT_CHECKPOINT:
         raise ValueError("the root pseudo-checkpoint '.' is never pruned")
-    return f"{records_prefix(project, job_id)}rank-{rank}/{layout.check_relpath(checkpoint)}.json"
+    return f"{prefix}rank-{rank}/{layout.check_relpath(checkpoint)}.json"
+
+
+def record_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
+    return _per_checkpoint(records_prefix(project, job_id), rank, checkpoint)
+
+
+def tombstone_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
+    return _per_checkpoint(layout.job_prefix(project, job_id) + "pruned/", rank, checkpoint)
 
 
 def job_record_key(project: str, job_id: str) -> str:
@@ -95,6 +109,7 @@ class Pruner:
     async def _finish(self, checkpoint: str, ranks: list[int]) -> Freed:
         for rank in ranks:  # first: from here on no reader takes it for a committed checkpoint
             key = layout.manifest_key(self.project, self.job_id, rank, checkpoint)
+            await self._bury(rank, checkpoint, key)
             await self._retry(lambda key=key: self.storage.delete(key))
         freed = Freed(checkpoint, ranks)
         for rank in ranks:
@@ -105,6 +120,23 @@ class Pruner:
             key = record_key(self.project, self.job_id, rank, checkpoint)
             await self._retry(lambda key=key: self.storage.delete(key))
         return freed
+
+    async def _bury(self, rank: int, checkpoint: str, manifest_key: str) -> None:
+        """The tombstone of what the manifest lists, before it goes; none without a manifest (gone
+        already: its tombstone was written then), nor for a damaged one."""
+        try:
+            manifest = await self._retry(lambda: read_manifest(self.storage, manifest_key))
+        except StorageError as e:
+            if not e.missing:
+                raise
+            return
+        except ValueError as e:
+            log.warning("damaged manifest pruned without a tombstone", key=manifest_key, error=str(e)[:200])
+            return
+        files = [{name: f[name] for name in ("path", "key", "size", "sha256")} for f in manifest["files"]]
+        body = {"checkpoint": checkpoint, "rank": rank, "committed_at": manifest["committed_at"], "files": files}
+        key = tombstone_key(self.project, self.job_id, rank, checkpoint)
+        await self._retry(lambda: self.storage.put(key, json_bytes(body | {"pruned_at": utc_now()})))
 
     async def interrupted(self, ranks: Iterable[int] | None = None) -> list[Interrupted]:
         """The pruning records in the store (of `ranks` only, if given), by rank and name."""

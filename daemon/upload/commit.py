@@ -106,6 +106,9 @@ class _Checkpoint:
     unproven: bool = False
     # Files that can never be stored (a name no store can hold): the checkpoint must never commit.
     unstorable: set[str] = field(default_factory=set)
+    # The store lacks stored files of it (`held`): "pruned" (forgotten: a prune deleted exactly
+    # these files) or "missing". It does not come due again until a file of it is stored anew.
+    held: str | None = None
 
 
 class CheckpointTracker:
@@ -142,6 +145,8 @@ class CheckpointTracker:
     def stored(self, file: StoredFile, now: float) -> None:
         state = self._touch(file.checkpoint, now)
         state.pending.discard(file.relpath)
+        if state.stored.get(file.relpath) != file:
+            state.held = None  # other content: no longer what the store was found to lack
         state.stored[file.relpath] = file
         state.committed = False
 
@@ -170,6 +175,12 @@ class CheckpointTracker:
     def is_unproven(self, checkpoint: str) -> bool:
         state = self._checkpoints.get(checkpoint)
         return bool(state) and state.unproven
+
+    def held(self, checkpoint: str, *, pruned: bool) -> None:
+        """The store lacks stored files of `checkpoint` (daemon.upload.reconcile): it stays
+        uncommitted until a file of it is stored anew. `pruned`: a prune deleted exactly these
+        files, so it is forgotten, not even reported as uncommitted."""
+        self._state(checkpoint).held = "pruned" if pruned else "missing"
 
     def listed(self, relpath: str) -> bool:
         """Whether the checkpoint's written manifest names this file: overwriting its object
@@ -211,7 +222,7 @@ class CheckpointTracker:
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
         if not state.committed and not state.pending and state.stored == state.manifest_files:
             state.committed = True  # noticed again, found unchanged: the manifest still holds
-        if state.committed or not state.stored or state.unstorable:
+        if state.committed or not state.stored or state.unstorable or state.held:
             return None
         names = [*state.stored, *state.pending]
         return should_commit(
@@ -267,11 +278,12 @@ class CheckpointTracker:
         return bool(state) and state.committed
 
     def uncommitted(self) -> list[str]:
-        """Checkpoints holding files (stored or pending) that no written manifest covers."""
+        """Checkpoints holding files (stored or pending) that no written manifest covers, less the
+        pruned ones forgotten (`held`)."""
         return sorted(
             cp
             for cp, state in self._checkpoints.items()
-            if not state.committed and (state.stored or state.pending or state.unstorable)
+            if not state.committed and state.held != "pruned" and (state.stored or state.pending or state.unstorable)
         )
 
     def pending_count(self) -> int:

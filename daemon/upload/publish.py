@@ -21,6 +21,7 @@ from daemon.catalog.manifest import build_manifest, write_manifest
 from daemon.config import Config
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
+from daemon.upload import reconcile
 from daemon.upload.commit import CheckpointTracker
 from daemon.upload.complete import Identity, is_ignored
 from daemon.upload.health import StoreHealth
@@ -66,8 +67,9 @@ class Publisher:
 
     async def _prove(self, checkpoint: str) -> bool:
         """Whether the checkpoint's local folder holds exactly the files stored for it (same paths,
-        same sizes): only then may a checkpoint whose files were not all seen arriving commit. A
-        folder rotated away while ckptd was down can never be proven: stored, never committed."""
+        same sizes), and the store still holds them all: only then may a checkpoint whose files
+        were not all seen arriving commit. A folder rotated away while ckptd was down can never be
+        proven: stored, never committed."""
         stored = {f.relpath: f.size for f in self.tracker.files(checkpoint)}
         local = await asyncio.to_thread(local_files, self.c.checkpoint_dir, checkpoint, self.c.ignore_patterns)
         if local != stored:
@@ -80,8 +82,49 @@ class Publisher:
                     not_stored=sorted(set(local or {}) - set(stored))[:20],
                 )
             return False
+        if not await self._in_store(checkpoint):
+            return False
         self.tracker.proven(checkpoint)
         return True
+
+    async def _in_store(self, checkpoint: str) -> bool:
+        """Whether the store holds every file the manifest would list (an earlier run stored
+        them; a prune, or a person, may have deleted them since): see daemon.upload.reconcile."""
+        c, files = self.c, self.tracker.files(checkpoint)
+        try:
+            outcome, missing = await reconcile.check(
+                self.storage,
+                c.project,
+                c.job_id,
+                c.node_rank,
+                checkpoint,
+                files,
+                deadline=self.deadline,
+                observe=self.health.observe,
+            )
+        except StorageError as e:
+            log.error(
+                "checkpoint not committed: its stored files could not be checked",
+                checkpoint=checkpoint,
+                op=e.op,
+                key=e.key,
+                code=e.code,
+                error=e.message,
+            )
+            return False
+        if outcome is reconcile.Outcome.COMMIT:
+            return True
+        self.tracker.held(checkpoint, pruned=outcome is reconcile.Outcome.FORGET)
+        if outcome is reconcile.Outcome.FORGET:
+            log.info("pruned checkpoint not committed again", checkpoint=checkpoint, files=len(files))
+        else:  # the next start uploads them again (daemon.upload.recover)
+            log.error(
+                "checkpoint not committed: the store lost files of it",
+                checkpoint=checkpoint,
+                missing=[f.key for f in missing][:20],
+                count=len(missing),
+            )
+        return False
 
     async def _commit(self, checkpoint: str, reason: str) -> None:
         c, files = self.c, self.tracker.files(checkpoint)

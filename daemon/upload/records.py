@@ -110,6 +110,7 @@ def _nonempty(v: Any) -> str:
 _key = _relpath  # a store key relative to the prefix: the same rules, so no '..' reaches a manifest
 _OPS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "stored": {"relpath": _relpath, "identity": _identity, "sha256": _sha256, "key": _key, "etag": _str},
+    "unstored": {"relpath": _relpath},  # the store lost it (not pruned): upload it again
     "multipart": {
         "relpath": _relpath,
         "identity": _identity,
@@ -164,6 +165,8 @@ class State:
         """Apply one parsed record (see `parse`)."""
         if op == "stored":
             self.stored[f["relpath"]] = Stored(**f)
+        elif op == "unstored":
+            self.stored.pop(f["relpath"], None)
         elif op == "multipart":
             self.multipart[f["relpath"]] = Multipart(**f)
         elif op == "multipart_done":

@@ -1,10 +1,14 @@
 """Start-up recovery: pick up where a crashed or earlier run of this rank left off.
 
-- pins left in staging are handed back to be uploaded (they may be the only copy of a rotated file);
+- pins left in staging are handed back to be uploaded (they may be the only copy of a rotated file),
+  unless the journal says that very version is stored;
 - incomplete multipart uploads of this rank that the journal cannot resume are aborted;
 - a new pod of the same job (no journal) reconciles with the manifests already in the store
   instead of uploading everything again; so does a pod whose journal was corrupt and set aside
-  (`Journal.open`), adopting only those pins of it whose staging link is still that very file.
+  (`Journal.open`), adopting only those pins of it whose staging link is still that very file;
+- files the journal says are stored, of checkpoints no manifest covers, are looked for in the
+  store: those it lost (not pruned) are journaled `unstored`, so the start-up scan uploads them
+  again before their checkpoint commits (`_check_stored`).
 
 Nothing here follows a link or opens what is not a regular file: staging entries that are links,
 FIFOs or folders are not adopted, and a manifest's path is compared only where it lies inside the
@@ -27,13 +31,16 @@ from daemon.catalog import layout
 from daemon.catalog.manifest import read_manifests
 from daemon.files import sha256_of
 from daemon.storage import Storage, StorageError
+from daemon.storage.retry import Deadline, retrying
 from daemon.upload import journal as jr
+from daemon.upload import reconcile
 from daemon.upload.complete import Identity
 from daemon.upload.health import StoreHealth
 from daemon.upload.pin import Pin, Staging
 from daemon.upload.scan import open_file
 from daemon.upload.statedir import describe, ensure_dir, is_state, kind
 
+CHECK_RETRY = 10.0  # seconds transient store errors are retried while looking for stored files at start
 log = structlog.get_logger()
 
 
@@ -44,6 +51,7 @@ class Recovered:
     reconciled: int = 0  # local files a stored manifest already held byte for byte
     set_aside: str | None = None  # where a corrupt journal went: this start recovered as a new pod
     listed: dict[str, set[str]] = field(default_factory=dict)  # checkpoint -> files its stored manifest names
+    unstored: list[str] = field(default_factory=list)  # files the store lost: uploaded again
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ async def recover(
     *, root: str, journal: jr.Journal, staging: Staging, storage: Storage, health: StoreHealth, rank: Rank
 ) -> Recovered:
     found = Recovered(pins=_adopt_pins(journal, staging), set_aside=journal.set_aside)
+    found.pins = _not_stored(journal, found.pins, rank)
     try:
         await _clean_multipart(root, journal, storage, rank, {p.relpath for p in found.pins})
         manifests = await read_manifests(storage, rank.project, rank.job_id, rank.rank)
@@ -68,11 +77,13 @@ async def recover(
         health.observe(e)
         health.failed(e)
         log.error("storage not usable at start", storage=storage.url, code=e.code, error=e.message)
-        manifests = []
+        manifests = None
     if not journal.state.stored and manifests:
         found.reconciled = await asyncio.to_thread(_reconcile, root, journal, manifests)
-    found.committed = _already_committed(journal.state.stored, manifests)
-    found.listed = {m["checkpoint"]: {f["path"] for f in m["files"]} for m in manifests}
+    found.committed = _already_committed(journal.state.stored, manifests or [])
+    found.listed = {m["checkpoint"]: {f["path"] for f in m["files"]} for m in manifests or []}
+    if manifests is not None:  # else the store is not usable: the publisher checks before committing
+        found.unstored = await _check_stored(root, journal, storage, health, rank, set(found.committed))
     return found
 
 
@@ -101,6 +112,20 @@ def _adopt_pins(journal: jr.Journal, staging: Staging) -> list[Pin]:
         if name not in journal.state.pinned:  # linked, then crashed before the journal line was written
             _remove_stray(staging.path(name))
     return pins
+
+
+def _not_stored(journal: jr.Journal, pins: list[Pin], rank: Rank) -> list[Pin]:
+    """The pins whose very version the journal does not say is stored; the others are released,
+    as intake releases a version it finds stored: uploading it again could undo a prune."""
+    out = []
+    for pin in pins:
+        known = journal.state.stored.get(pin.relpath)
+        key = layout.file_key(rank.project, rank.job_id, rank.rank, pin.relpath)
+        if known is not None and known.identity == pin.identity and known.key == key:
+            jr.release(journal, pin)
+        else:
+            out.append(pin)
+    return out
 
 
 def _adopt(staging: Staging, pinned: jr.Pinned) -> Pin | None:
@@ -180,6 +205,78 @@ def _holds(root: str, f: dict[str, Any]) -> Identity | None:
         return Identity.of(st)
     finally:
         os.close(fd)
+
+
+async def _check_stored(
+    root: str, journal: jr.Journal, storage: Storage, health: StoreHealth, rank: Rank, committed: set[str]
+) -> list[str]:
+    """Journal `unstored` the files the store lost of checkpoints no manifest covers, so that the
+    start-up scan uploads them again; the relpaths. Only files still here unchanged are looked
+    for (others are uploaded again anyway, or cannot be). Left as they are: the files of a
+    checkpoint a prune deleted as it is here (its tombstone lists exactly its stored files, all
+    unchanged): uploading them again would undo the prune, and the publisher forgets it. A store
+    that fails here is logged; the publisher still checks before it commits anything."""
+    candidates: dict[str, list[jr.Stored]] = {}
+    for s in journal.state.stored.values():
+        checkpoint = layout.checkpoint_of(s.relpath)
+        if checkpoint not in committed and s.key == layout.file_key(rank.project, rank.job_id, rank.rank, s.relpath):
+            candidates.setdefault(checkpoint, []).append(s)
+    deadline = Deadline.after(CHECK_RETRY)
+    try:
+        here = await asyncio.to_thread(_unchanged, root, candidates)
+        unchanged = [cp for cp, stored in here.items() if stored == candidates[cp]]
+        tombstones = await _tombstones(storage, rank, unchanged, deadline)
+        wanted = [
+            f.file()
+            for cp, stored in here.items()
+            if not reconcile.same_files(tombstones.get(cp), [c.file() for c in candidates[cp]])
+            for f in stored
+        ]
+        missing = await reconcile.absent(storage, wanted, deadline=deadline, observe=health.observe)
+    except StorageError as e:
+        log.error("stored files not checked at start", op=e.op, key=e.key, code=e.code, error=e.message)
+        return []
+    for f in missing:
+        journal.record("unstored", relpath=f.relpath)
+    if missing:
+        log.warning(
+            "the store lost stored files: uploading them again",
+            keys=[f.key for f in missing][:20],
+            count=len(missing),
+            checkpoints=sorted({f.checkpoint for f in missing})[:20],
+        )
+    return [f.relpath for f in missing]
+
+
+def _unchanged(root: str, candidates: dict[str, list[jr.Stored]]) -> dict[str, list[jr.Stored]]:
+    """Per checkpoint, its stored files still here as they were stored (blocking: a stat each)."""
+    out: dict[str, list[jr.Stored]] = {}
+    for checkpoint, stored in candidates.items():
+        same = [s for s in stored if Identity.stat(os.path.join(root, s.relpath)) == s.identity]
+        if same:
+            out[checkpoint] = same
+    return out
+
+
+async def _tombstones(
+    storage: Storage, rank: Rank, checkpoints: list[str], deadline: Deadline
+) -> dict[str, reconcile.Tombstone]:
+    """The readable tombstones of these checkpoints, `reconcile.HEADS` reads at a time."""
+    limit = asyncio.Semaphore(reconcile.HEADS)
+    named = [cp for cp in checkpoints if cp != layout.ROOT_CHECKPOINT]  # never pruned
+
+    async def one(checkpoint: str) -> reconcile.Tombstone | None:
+        async with limit:
+            return await retrying(
+                lambda: reconcile.read_tombstone(storage, rank.project, rank.job_id, rank.rank, checkpoint),
+                deadline=deadline,
+            )
+
+    found = await asyncio.gather(*(one(cp) for cp in named), return_exceptions=True)
+    for result in found:
+        if isinstance(result, BaseException):
+            raise result
+    return {cp: t for cp, t in zip(named, found, strict=True) if t is not None}  # type: ignore[misc]
 
 
 def _already_committed(stored: dict[str, jr.Stored], manifests: list[dict[str, Any]]) -> list[str]:

@@ -39,6 +39,7 @@ class Retainer:
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()
         self._fresh: set[str] = set()  # committed since the last pass
+        self._spared = False  # the last pass spared what had just committed
 
     def committed(self, checkpoint: str) -> None:
         """The publisher's hook: a manifest was written."""
@@ -51,9 +52,12 @@ class Retainer:
             await self.apply(Deadline.after(PASS_RETRY))
 
     async def final(self, drain: Deadline) -> None:
-        """One last pass at the drain if anything committed since the last one, within the drain's
-        deadline (and PASS_RETRY)."""
-        if self._due.is_set():
+        """One last pass at the drain if anything committed since the last one, or the last one
+        spared what had just committed, within the drain's deadline (and PASS_RETRY). Nothing
+        commits after it, so it spares none: uploads finish out of order, and a checkpoint
+        committed after a later one must not outlive the rules for that."""
+        if self._due.is_set() or self._spared:
+            self._fresh.clear()
             at = time.monotonic() + PASS_RETRY
             await self.apply(Deadline(at if drain.at is None else min(at, drain.at)))
 
@@ -62,6 +66,7 @@ class Retainer:
         async with self._lock:
             self._due.clear()
             fresh, self._fresh = self._fresh, set()
+            self._spared = bool(fresh)
             try:
                 return await self._pass(fresh, deadline)
             except (StorageError, browse.MissingMetric) as e:

@@ -1,15 +1,17 @@
 """Deleting checkpoints from real stores (a local directory, moto, the JuiceFS gateway): manifests
 before files, exact folders (checkpoint-1 is not checkpoint-10), bytes freed, bounded concurrency,
-interrupted prunes finished by the next one, and whole jobs."""
+interrupted prunes finished by the next one, the tombstones a prune leaves, and whole jobs."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 import pytest
 import servers
 from faults import FaultProxy, Rule
+from structlog.testing import capture_logs
 
 from daemon.catalog import browse, layout, prune, retention
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
@@ -41,6 +43,15 @@ async def keys(store: Storage, prefix: str = "") -> list[str]:
     return [info.key async for info in store.list(layout.job_prefix(P, J) + prefix)]
 
 
+async def tombstone(store: Storage, rank: int, checkpoint: str) -> dict:
+    return json.loads(await store.get(prune.tombstone_key(P, J, rank, checkpoint)))
+
+
+def buried(manifest: dict) -> list[dict]:
+    """What a tombstone lists of a manifest's files."""
+    return [{k: f[k] for k in ("path", "key", "size", "sha256")} for f in manifest["files"]]
+
+
 def pruner(store: Storage, seconds: float = 30, concurrency: int = prune.CONCURRENCY) -> prune.Pruner:
     return prune.Pruner(store, P, J, deadline=Deadline.after(seconds), concurrency=concurrency)
 
@@ -53,13 +64,25 @@ async def test_prune_deletes_manifests_and_exactly_its_folder_on_every_rank(stor
     assert (freed.checkpoint, freed.ranks, freed.files) == ("checkpoint-1", [0, 1], 4)
     assert freed.bytes == sizes[0, "checkpoint-1"] + sizes[1, "checkpoint-1"]
     left = await keys(store)
-    assert not [k for k in left if "/checkpoint-1/" in k or k.endswith("/checkpoint-1.json")]
+    alive = [k for k in left if "/pruned/" not in k]  # the tombstones are checked below
+    assert not [k for k in alive if "/checkpoint-1/" in k or k.endswith("/checkpoint-1.json")]
     for rank in (0, 1):  # checkpoint-10 shares the name's beginning: untouched
         assert f"{layout.rank_prefix(P, J, rank)}checkpoint-10/model.bin" in left
         assert layout.manifest_key(P, J, rank, "checkpoint-10") in left
     assert layout.file_key(P, J, 0, "tokenizer.json") in left
     assert not [k for k in left if "/pruning/" in k]  # the records went last
     assert [c.name for c in await browse.checkpoints(store, P, J)] == ["checkpoint-10", "checkpoint-2"]
+    # The tombstones stay, one per rank, listing what each manifest listed.
+    assert await keys(store, "pruned/") == [prune.tombstone_key(P, J, r, "checkpoint-1") for r in (0, 1)]
+    for rank, manifest in found.manifests.items():
+        stone = await tombstone(store, rank, "checkpoint-1")
+        assert (stone["checkpoint"], stone["rank"], stone["committed_at"]) == (
+            "checkpoint-1",
+            rank,
+            manifest["committed_at"],
+        )
+        assert stone["files"] == buried(manifest) and len(stone["files"]) == 2
+        assert stone["pruned_at"] >= manifest["committed_at"]
 
 
 class FailingFileDeletes(LocalStorage):
@@ -84,6 +107,8 @@ async def test_a_prune_stopped_after_the_manifests_is_finished_by_the_next(tmp_p
     assert "checkpoint-2" not in [c.name for c in await browse.checkpoints(failing, P, J)]
     assert await keys(failing, "rank-1/checkpoint-2/")
     assert await keys(failing, "pruning/") == [prune.record_key(P, J, r, "checkpoint-2") for r in (0, 1)]
+    stones = {r: await tombstone(failing, r, "checkpoint-2") for r in (0, 1)}  # before the manifests went
+    assert {r: t["files"] for r, t in stones.items()} == {r: buried(m) for r, m in found.manifests.items()}
 
     store = LocalStorage(tmp_path / "store")  # the store works again
     survey = await prune.survey(store, P, J)
@@ -99,6 +124,7 @@ async def test_a_prune_stopped_after_the_manifests_is_finished_by_the_next(tmp_p
     assert not await keys(store, "rank-1/checkpoint-2/")
     assert not await keys(store, "pruning/")
     assert await keys(store, "rank-1/checkpoint-10/")
+    assert {r: await tombstone(store, r, "checkpoint-2") for r in (0, 1)} == stones  # kept as written
 
 
 async def test_a_record_left_before_the_manifests_went_is_finished_too(store):
@@ -113,6 +139,7 @@ async def test_a_record_left_before_the_manifests_went_is_finished_too(store):
     assert not await keys(store, "rank-0/checkpoint-1/")
     assert not await keys(store, "manifests/rank-0/checkpoint-1.json")
     assert not await keys(store, "pruning/")
+    assert (await tombstone(store, 0, "checkpoint-1"))["files"] == buried(manifest)  # finishing buries it
 
 
 async def test_a_checkpoint_committed_again_since_its_record_is_left_alone(store):
@@ -124,6 +151,7 @@ async def test_a_checkpoint_committed_again_since_its_record_is_left_alone(store
     assert await prune.execute(pruner(store), survey, []) == []
     assert len(await keys(store, "rank-0/checkpoint-1/")) == 2
     assert not await keys(store, "pruning/")
+    assert not await keys(store, "pruned/")  # alive: no tombstone
 
 
 async def test_garbage_records_finish_nothing_committed(store):
@@ -167,17 +195,33 @@ async def test_deletes_are_bounded(tmp_path):
     freed = await pruner(store, concurrency=4).prune("checkpoint-1", {0: None})
     assert (freed.files, freed.bytes) == (60, 60)
     assert store.peak == 4
+    assert not await keys(store, "pruned/")  # no manifest, nothing it vouched for: no tombstone
+
+
+async def test_a_damaged_manifest_goes_without_a_tombstone(store):
+    await save(store, 0, "checkpoint-1")
+    await store.put(layout.manifest_key(P, J, 0, "checkpoint-1"), b"{not json")
+    await store.put(prune.record_key(P, J, 0, "checkpoint-1"), prune.json_bytes({"checkpoint": "checkpoint-1"}))
+    with capture_logs() as logs:
+        await prune.execute(pruner(store), await prune.survey(store, P, J), [])
+    assert await keys(store) == []
+    assert [e["key"] for e in logs if e["event"] == "damaged manifest pruned without a tombstone"] == [
+        layout.manifest_key(P, J, 0, "checkpoint-1")
+    ]
 
 
 async def test_delete_job_leaves_nothing_under_its_prefix(store):
     for rank in (0, 1):
         await save(store, rank, "checkpoint-1")
+        await save(store, rank, "checkpoint-2")
+    await pruner(store).prune("checkpoint-2", {0: None, 1: None})  # leaves tombstones
+    assert len(await keys(store, "pruned/")) == 2
     await store.put(layout.job_metadata_key(P, J), b"{}")
     upload = await store.create_multipart(layout.file_key(P, J, 0, "checkpoint-9/big.bin"))
     other = layout.file_key(P, "job-10", 0, "checkpoint-1/model.bin")  # a job whose id starts alike
     await store.put(other, b"keep")
     freed = await pruner(store).delete_job()
-    assert freed.files == 2 * 2 + 2 + 1  # files, manifests, job.json
+    assert freed.files == 2 * 2 + 2 + 2 + 1  # files, manifests, tombstones, job.json
     assert await keys(store) == []
     assert await store.list_multipart_uploads(layout.job_prefix(P, J)) == []
     assert await store.get(other) == b"keep"
@@ -205,5 +249,9 @@ async def test_an_s3_store_failing_mid_prune_leaves_records_the_next_prune_finis
         assert {(i.rank, i.checkpoint) for i, _ in survey.interrupted} == {(0, "checkpoint-10"), (1, "checkpoint-10")}
         await prune.execute(pruner(direct), survey, [])
         left = await keys(direct)
-    assert not [k for k in left if "/checkpoint-10/" in k or "/pruning/" in k or k.endswith("checkpoint-10.json")]
+    alive = [k for k in left if "/pruned/" not in k]
+    assert not [k for k in alive if "/checkpoint-10/" in k or "/pruning/" in k or k.endswith("checkpoint-10.json")]
+    assert [k for k in left if k.endswith("checkpoint-10.json")] == [
+        prune.tombstone_key(P, J, r, "checkpoint-10") for r in (0, 1)
+    ]
     assert len([k for k in left if "/checkpoint-1/" in k]) == 4

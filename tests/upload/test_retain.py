@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, stored_objects
+from daemons import JOB, PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, stored_objects, watch_args
 from engines import config, counter, until
 from structlog.testing import capture_logs
 
-from daemon.catalog import browse, layout
+from daemon.catalog import browse, layout, prune
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.storage import Storage, StorageError
 from daemon.storage.local import LocalStorage
@@ -86,6 +86,18 @@ async def test_busy_and_just_committed_checkpoints_are_left_alone(tmp_path, stor
     assert await names(store) == await folders(store) == ["checkpoint-1", "checkpoint-4"]
 
 
+async def test_the_final_pass_spares_nothing_just_committed(tmp_path, store):
+    for step in (1, 2, 3):
+        await save(store, 0, step)
+    r = retainer(tmp_path, store, keep_last="1")
+    r.committed("checkpoint-3")
+    r.committed("checkpoint-2")  # uploads finish out of order: 2 commits after 3
+    await r.apply(Deadline.after(10))
+    assert await names(store) == ["checkpoint-2", "checkpoint-3"]  # spared: just committed
+    await r.final(Deadline.after(10))  # the drain: nothing commits after it
+    assert await names(store) == await folders(store) == ["checkpoint-3"]
+
+
 async def test_a_missing_metric_fails_the_pass_and_deletes_nothing_until_recorded(tmp_path, store):
     for step in (1, 2, 3):
         await save(store, 0, step)
@@ -127,7 +139,10 @@ async def test_a_store_failure_is_logged_and_the_next_pass_finishes(tmp_path):
     r.committed("checkpoint-3")
     await r.apply(Deadline.after(10))
     assert await names(store) == await folders(store) == ["checkpoint-3"]
-    assert await store.list_dirs(layout.job_prefix(P, J)) == ["manifests", "rank-0"]  # no record left
+    assert await store.list_dirs(layout.job_prefix(P, J)) == ["manifests", "pruned", "rank-0"]  # no record left
+    assert [i.key async for i in store.list(layout.job_prefix(P, J) + "pruned/")] == [
+        prune.tombstone_key(P, J, 0, f"checkpoint-{step}") for step in (1, 2)
+    ]
 
 
 async def test_the_loop_runs_a_pass_after_each_commit(tmp_path, store):
@@ -149,12 +164,12 @@ async def test_the_loop_runs_a_pass_after_each_commit(tmp_path, store):
     assert await names(store) == ["checkpoint-3"]
 
 
-def test_run_with_prune_keeps_the_two_latest(moto_bucket, tmp_path):
-    where = tmp_path / "rank-0"
-    args = ["run", *s3_args(moto_bucket), "--project", PROJECT, "--job-id", "pruned", "--checkpoint-dir"]
-    args += [str(where / "ckpt"), "--settle-time", "0.05", "--metrics-addr", "127.0.0.1:0"]
+def run_pruned(bucket, tmp_path: Path, job: str = "pruned") -> Daemon:
+    """`ckptd run --prune --keep-last 2` of a trainer saving checkpoint-10..50; the exited daemon."""
+    args = ["run", *s3_args(bucket), "--project", PROJECT, "--job-id", job, "--checkpoint-dir"]
+    args += [str(tmp_path / "rank-0" / "ckpt"), "--settle-time", "0.05", "--metrics-addr", "127.0.0.1:0"]
     args += ["--prune", "--keep-last", "2", "--", sys.executable, TRAINER]
-    env = {**base_env(), **moto_bucket.server.env()}
+    env = {**base_env(), **bucket.server.env()}
     env |= {"TRAINER_STEPS": "10,20,30,40,50", "TRAINER_LOSSES": "0.5,0.4,0.3,0.2,0.1"}
     env |= {"TRAINER_RECORD": str(tmp_path / "record.json")}
     daemon = Daemon(args, env, tmp_path / "ckptd.log")
@@ -162,6 +177,11 @@ def test_run_with_prune_keeps_the_two_latest(moto_bucket, tmp_path):
         assert daemon.wait(120) == 0, daemon.tail()
     finally:
         daemon.kill()
+    return daemon
+
+
+def test_run_with_prune_keeps_the_two_latest(moto_bucket, tmp_path):
+    daemon = run_pruned(moto_bucket, tmp_path)
     assert sorted(manifests(moto_bucket, "pruned")) == [".", "checkpoint-40", "checkpoint-50"]
     stored = {k.split("/")[0] for k in stored_objects(moto_bucket, "pruned") if "/" in k}
     assert stored == {"checkpoint-40", "checkpoint-50"}
@@ -178,3 +198,26 @@ def test_run_with_prune_keeps_the_two_latest(moto_bucket, tmp_path):
     assert all(e["bytes"] > 40_000 and e["reasons"] == ["not among the last 2"] for e in pruned)
     listing = moto_bucket.client.list_objects_v2(Bucket=moto_bucket.name, Prefix=f"{PREFIX}/")
     assert not [o["Key"] for o in listing.get("Contents", []) if "/pruning/" in o["Key"]]
+
+
+def test_a_restarted_watch_never_commits_a_pruned_checkpoint_again(moto_bucket, tmp_path):
+    """The journal in .ckptd says checkpoint-10..30 are stored and their folders still hold them;
+    the store's tombstones say they were pruned: the restart forgets them, uploads nothing."""
+    run_pruned(moto_bucket, tmp_path)
+    before = stored_objects(moto_bucket, "pruned")
+    exit_file = tmp_path / "done"
+    exit_file.touch()
+    args = [*watch_args(moto_bucket, tmp_path / "rank-0" / "ckpt", exit_file)]
+    args[args.index(JOB)] = "pruned"
+    daemon = Daemon(args, {**base_env(), **moto_bucket.server.env()}, tmp_path / "watch.log")
+    try:
+        assert daemon.wait(120) == 0, daemon.tail()
+    finally:
+        daemon.kill()
+    assert sorted(manifests(moto_bucket, "pruned")) == [".", "checkpoint-40", "checkpoint-50"]
+    assert stored_objects(moto_bucket, "pruned") == before  # nothing uploaded again
+    forgotten = daemon.events("pruned checkpoint not committed again")
+    assert sorted(e["checkpoint"] for e in forgotten) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert not daemon.events("checkpoint committed")
+    drained = daemon.events("drained")[-1]
+    assert (drained["uncommitted"], drained["not_stored"]) == ([], [])
