@@ -165,8 +165,10 @@ class Config:
     restore_dir: str = setting("load_checkpoint_config.download_folder", "/tmp/loaded_checkpoints", "Folder "
                                "restored checkpoints go to.", parse.absolute_path, RESTORE, "--restore-dir",
                                ("BT_LOAD_CHECKPOINT_DIR",))
-    checkpoints: tuple[CheckpointRef, ...] = setting("load_checkpoint_config.checkpoints", (), "Checkpoint "
-                                                     "references to restore (config file only).", parse_refs, RESTORE)
+    checkpoints: tuple[CheckpointRef, ...] = setting("load_checkpoint_config.checkpoints", (), "Checkpoint references "
+                                                     "to restore, e.g. 'job=J', 'project=P,metric=eval_loss,mode=min',"
+                                                     " 'job=J,checkpoint=checkpoint-20'; ';' between several; implies "
+                                                     "--restore.", parse_refs, RESTORE, "--load", ("CKPTD_LOAD",))
     # --- retention: `ckptd prune`, and during training with retention.enabled
     keep_last: int | None = setting("retention.keep_last", None, "Keep the N most recent committed checkpoints.",
                                     _COUNT, RETENTION, "--keep-last", ("CKPTD_KEEP_LAST",))

@@ -32,7 +32,7 @@ else:
     rank, world = int(os.environ.get("BT_NODE_RANK", "0")), 1  # one process per node
 node = os.environ.get("BT_NODE_RANK", "0")
 save_root = Path(os.environ["BT_CHECKPOINT_DIR"])
-load_root = Path(os.environ["BT_LOAD_CHECKPOINT_DIR"]) / f"rank-{node}"
+load_root = Path(os.environ.get("BT_LOAD_CHECKPOINT_DIR", "/nonexistent")) / f"rank-{node}"
 out = Path(os.environ["TRAINER_OUT"]) if os.environ.get("TRAINER_OUT") else None
 
 

@@ -62,7 +62,7 @@ def die_while_saving(step: int) -> None:
 
 def main() -> None:
     # What ckptd restored for this node, as the reference docs show.
-    restored = os.path.join(os.environ["BT_LOAD_CHECKPOINT_DIR"], "rank-0")
+    restored = os.path.join(os.environ.get("BT_LOAD_CHECKPOINT_DIR", "/nonexistent"), "rank-0")
     last_checkpoint = get_last_checkpoint(restored) if os.path.isdir(restored) else None
     print(f"hf_train.py: {'resuming from ' + last_checkpoint if last_checkpoint else 'from scratch'}", flush=True)
 
