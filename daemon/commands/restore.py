@@ -19,13 +19,13 @@ matched nothing or a download failed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import asdict
 
 import structlog
 
 from daemon import exits
+from daemon.commands import show
 from daemon.config import Config
 from daemon.progress import Bar
 from daemon.restore.restorer import RestoreConflict, RestoreFailed, RestoreReport, restore
@@ -82,5 +82,5 @@ def main(c: Config, args: argparse.Namespace) -> int:
     reports: list[RestoreReport] = []
     code = uvloop.run(go())
     if args.json and reports:
-        print(json.dumps(asdict(reports[0]), default=str))
+        show.print_json(asdict(reports[0]))
     return code or exits.OK

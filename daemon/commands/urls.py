@@ -149,7 +149,7 @@ def main(c: Config, args: argparse.Namespace) -> int:
             "which work only where that folder is mounted and never expire",
             exits.OK,
         )
-    print(text)
+    show.write_out(text + "\n")
     if not args.json:
         n = len(out["checkpoint_artifacts"])
         print(f"ckptd: {n} URLs of job {out['job']['id']} written to {target}", file=sys.stderr)

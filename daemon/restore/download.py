@@ -65,7 +65,7 @@ def _finish(fd: int, item: Item) -> None:
     os.fsync(fd)
 
 
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in a thread. A cancelled caller still waits for it to end, so that no write lands
     in a temporary file after the file was discarded (or recreated by the next attempt)."""
     fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
@@ -166,9 +166,9 @@ class Downloader:
         """Download into the staging folder, verify, fsync; _Corrupt on a mismatch."""
         opened: list[int] = []
         try:
-            await _in_thread(_create, staging, item.relpath, opened)
+            await in_thread(_create, staging, item.relpath, opened)
             await self._fetch(item, opened[0])
-            await _in_thread(_finish, opened[0], item)
+            await in_thread(_finish, opened[0], item)
         finally:
             for fd in opened:  # every writer thread has ended: _fetch waits for them all
                 os.close(fd)
@@ -196,5 +196,5 @@ class Downloader:
                 raise _Corrupt(f"the object ends before byte {start}") from None
             if len(data) != end - start:
                 raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-            await _in_thread(_write_at, fd, data, start)
+            await in_thread(_write_at, fd, data, start)
         self._advance(len(data), item.target)

@@ -35,7 +35,7 @@ import structlog
 
 from daemon.files import sha256_of
 from daemon.restore import safefs
-from daemon.restore.download import ATTEMPTS, _in_thread, all_or_cancel
+from daemon.restore.download import ATTEMPTS, all_or_cancel, in_thread
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
@@ -180,7 +180,7 @@ class _Fetcher:
         opened: list[int] = []
         tmp: str | None = None
         try:
-            tmp = await _in_thread(_create, self.root_fd, self.root, want, opened)
+            tmp = await in_thread(_create, self.root_fd, self.root, want, opened)
             offsets = iter(range(0, want.size, self.chunk_size))  # shared: each chunk is taken by one worker
 
             async def worker() -> None:
@@ -188,13 +188,13 @@ class _Fetcher:
                     await self._chunk(want, opened[1], start, min(start + self.chunk_size, want.size), landed)
 
             await all_or_cancel(worker() for _ in range(min(self.concurrency, -(-want.size // self.chunk_size))))
-            await _in_thread(_finish, opened, tmp, want, self.root)
+            await in_thread(_finish, opened, tmp, want, self.root)
             tmp = None
         finally:
             if tmp is not None and opened:  # synchronous: it must happen even while being cancelled
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=opened[0])
-            for fd in opened:  # every writer thread has ended: _in_thread and all_or_cancel wait for them
+            for fd in opened:  # every writer thread has ended: in_thread and all_or_cancel wait for them
                 os.close(fd)
 
     async def _chunk(self, want: Wanted, fd: int, start: int, end: int, landed: list[int]) -> None:
@@ -207,7 +207,7 @@ class _Fetcher:
                 raise _Corrupt(f"the object ends before byte {start}") from None
             if len(data) != end - start:
                 raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-            await _in_thread(_write_at, fd, data, start)
+            await in_thread(_write_at, fd, data, start)
         landed[0] += len(data)
         self.advance(len(data))
 
@@ -251,7 +251,7 @@ async def fetch(
         loader = _Fetcher(storage, (root_fd, folder), concurrency, chunk_size, progress, retry_window)
         loader.total = sum(w.size for w in wanted)
         try:
-            kept = await all_or_cancel(_in_thread(_kept, root_fd, folder, w) for w in wanted)
+            kept = await all_or_cancel(in_thread(_kept, root_fd, folder, w) for w in wanted)
         except safefs.Refused as exc:
             raise FetchFailed(f"cannot download into {exc.path}: {exc}") from None
         except OSError as exc:

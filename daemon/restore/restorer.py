@@ -41,7 +41,7 @@ from daemon.config.refs import CheckpointRef
 from daemon.config.schema import DEFAULT_MARKERS
 from daemon.files import write_atomic
 from daemon.restore import links, safefs, stage
-from daemon.restore.download import Downloader, RestoreFailed, _in_thread, all_or_cancel
+from daemon.restore.download import Downloader, RestoreFailed, all_or_cancel, in_thread
 from daemon.restore.plan import Conflict, Unit, UnsafeManifest, plan
 from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, Unmatched, resolve
 from daemon.restore.stage import STAGING_PREFIX, Inspection, Staging
@@ -165,7 +165,7 @@ class _Placer:
 
         async def one(unit: Unit) -> tuple[Unit, Inspection] | None:
             try:
-                return unit, await _in_thread(stage.inspect, self.rank_fd, unit, self.markers)
+                return unit, await in_thread(stage.inspect, self.rank_fd, unit, self.markers)
             except safefs.Refused as exc:
                 _refuse([unit], exc, refused)
                 return None
@@ -193,7 +193,7 @@ class _Placer:
         try:
             await self.loader.run(todo, staging)
             steps = stage.moves(seen.exists, [i.relpath for i in todo], staging.markers, seen.kept, seen.present)
-            await _in_thread(_apply, staging, steps)
+            await in_thread(_apply, staging, steps)
         except safefs.Refused as exc:
             raise RestoreFailed(f"cannot put {unit.folder} in place: {exc}") from None
         except OSError as exc:
