@@ -44,7 +44,7 @@ def expected(job: TrainedJob, rank: int, checkpoint: str) -> dict[str, str]:
 
 def restore(job: TrainedJob, out: Path, *args: str) -> tuple[int, dict | None, str]:
     done = job.cli("restore", "--restore-dir", str(out), "--json", *args)
-    report = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 and done.stdout.strip() else None
+    report = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else None
     return done.returncode, report, done.stdout + done.stderr
 
 
