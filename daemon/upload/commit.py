@@ -182,6 +182,21 @@ class CheckpointTracker:
         files, so it is forgotten, not even reported as uncommitted."""
         self._state(checkpoint).held = "pruned" if pruned else "missing"
 
+    def pruned(self, checkpoint: str) -> None:
+        """This run's retention deleted `checkpoint` (or tried: a failed prune may have deleted any
+        part): unproven, so the store is checked (reconcile.decide) before a manifest lists it again.
+
+        | committed when pruned       | held     | comes due, then checked          |
+        |-----------------------------|----------|----------------------------------|
+        | yes (nothing changed since) | "pruned" | once a file of it is stored anew |
+        | no (a file changed since)   | None     | once complete                    |
+
+        Still `listed`: an overwrite withdraws first a manifest that a failed prune left."""
+        state = self._state(checkpoint)
+        state.unproven = True
+        if state.committed:
+            state.committed, state.held = False, "pruned"
+
     def listed(self, relpath: str) -> bool:
         """Whether the checkpoint's written manifest names this file: overwriting its object
         would make that manifest lie until it is rewritten."""
@@ -220,9 +235,11 @@ class CheckpointTracker:
         return bool(state) and any(is_marker(relpath, self.markers) for relpath in state.stored)
 
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
+        if state.held:  # first: a manifest it had may be gone (pruned)
+            return None
         if not state.committed and not state.pending and state.stored == state.manifest_files:
             state.committed = True  # noticed again, found unchanged: the manifest still holds
-        if state.committed or not state.stored or state.unstorable or state.held:
+        if state.committed or not state.stored or state.unstorable:
             return None
         names = [*state.stored, *state.pending]
         return should_commit(

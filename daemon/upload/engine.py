@@ -69,8 +69,10 @@ class Engine:
         self.queue = UploadQueue(c.multipart_threshold)
         self.tracker = CheckpointTracker(c.markers, c.quiet_commit)
         self.publisher = Publisher(c, storage, self.tracker, self.deadline, self.health)
-        self.retainer = Retainer(c, storage, self._busy) if c.prune_enabled else None
-        if self.retainer is not None:
+        self.retainer = None
+        if c.prune_enabled:  # deletes under the commit lock; the tracker hears what it deleted
+            lock, gone = self.publisher.commit_lock, self.tracker.pruned
+            self.retainer = Retainer(c, storage, self._busy, lock=lock, gone=gone)
             self.publisher.on_commit = self.retainer.committed
         self.intake = Intake(
             root=root,
@@ -103,6 +105,7 @@ class Engine:
             renotice=self.intake.renotice,
             withdraw=self.publisher.withdraw,
         )
+        self.publisher.on_lost = self.intake.again  # lost from the store, not pruned: uploaded again
         settler = self.intake.settler
         self.detector = Detector(
             root,

@@ -13,6 +13,7 @@ import structlog
 
 from daemon import metrics
 from daemon.catalog import layout
+from daemon.catalog.manifest import StoredFile
 from daemon.upload import journal as jr
 from daemon.upload import statedir
 from daemon.upload.commit import CheckpointTracker
@@ -46,6 +47,21 @@ class Intake:
     def renotice(self, relpath: str) -> None:
         """A file changed under its upload: settle it again as new."""
         self.settler.notice(os.path.join(self.root, relpath), False)
+
+    async def again(self, lost: list[StoredFile]) -> None:
+        """The store lost these stored files (not pruned): their stored records go (journal
+        `unstored`, as the start-up check does) and each is handed to the settler as a rescan
+        would, pinned at once while it is still the version stored, so it is uploaded again. A
+        file gone from the folder meanwhile is dropped, and its checkpoint never proven."""
+        known = {f.relpath: self.journal.state.stored.get(f.relpath) for f in lost}
+        paths = {relpath: os.path.join(self.root, relpath) for relpath in known}
+        now = await asyncio.to_thread(lambda: {r: Identity.stat(p) for r, p in paths.items()})
+        for relpath, stored in known.items():
+            self.journal.record("unstored", relpath=relpath)
+            if relpath in self.settler.candidates or self.queue.known(relpath):
+                continue  # a newer version is on its way already
+            unchanged = stored is not None and now[relpath] == stored.identity
+            self.settler.notice(paths[relpath], unchanged)
 
     def _noticed(self, relpath: str) -> None:
         """A new candidate: its checkpoint must not commit before it is stored or dropped."""

@@ -10,14 +10,14 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from daemon import metrics
 from daemon.catalog import jobmeta, layout
 from daemon.catalog.layout import ROOT_CHECKPOINT
-from daemon.catalog.manifest import build_manifest, write_manifest
+from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config import Config
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
@@ -28,6 +28,7 @@ from daemon.upload.health import StoreHealth
 from daemon.upload.scan import walk
 from daemon.upload.statedir import is_state
 
+REUPLOADS = 3  # times one checkpoint's lost files are uploaded again in a run before it is held
 log = structlog.get_logger()
 
 
@@ -37,10 +38,16 @@ class Publisher:
     ) -> None:
         self.c, self.storage, self.tracker, self.deadline, self.health = config, storage, tracker, deadline, health
         self._wake = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
+        # Held while a manifest is written or deleted; retention holds it while it deletes a
+        # checkpoint, so that no manifest lands between the prune's and the files' deletions.
+        self.commit_lock = asyncio.Lock()
         self._metadata_lock = asyncio.Lock()
         self._unprovable: set[str] = set()  # warned about once
+        self._reuploads: dict[str, int] = {}  # checkpoint -> times its lost files went back to intake
         self.on_commit: Callable[[str], None] | None = None  # told each checkpoint committed (retention)
+        # Given the stored files the store lost (not pruned): drops their stored records and
+        # queues them again (Intake.again). Without it they wait for the next start.
+        self.on_lost: Callable[[list[StoredFile]], Awaitable[None]] | None = None
 
     def wake(self) -> None:
         """A file was stored: a checkpoint may be complete."""
@@ -59,7 +66,7 @@ class Publisher:
             await self.commit_due(final=False)
 
     async def commit_due(self, final: bool) -> None:
-        async with self._commit_lock:
+        async with self.commit_lock:
             for checkpoint, reason in self.tracker.due(time.monotonic(), final=final):
                 if self.tracker.is_unproven(checkpoint) and not await self._prove(checkpoint):
                     continue
@@ -90,18 +97,15 @@ class Publisher:
     async def _in_store(self, checkpoint: str) -> bool:
         """Whether the store holds every file the manifest would list (an earlier run stored
         them; a prune, or a person, may have deleted them since): see daemon.upload.reconcile."""
-        c, files = self.c, self.tracker.files(checkpoint)
+        c, files, until, observe = self.c, self.tracker.files(checkpoint), self.deadline, self.health.observe
         try:
-            outcome, missing = await reconcile.check(
-                self.storage,
-                c.project,
-                c.job_id,
-                c.node_rank,
-                checkpoint,
-                files,
-                deadline=self.deadline,
-                observe=self.health.observe,
-            )
+            if checkpoint == ROOT_CHECKPOINT:  # never pruned: reconcile.check would ask for its tombstone
+                missing = await reconcile.absent(self.storage, files, deadline=until, observe=observe)
+                outcome = reconcile.decide(all_present=not missing, pruned=False)
+            else:
+                outcome, missing = await reconcile.check(
+                    self.storage, c.project, c.job_id, c.node_rank, checkpoint, files, deadline=until, observe=observe
+                )
         except StorageError as e:
             log.error(
                 "checkpoint not committed: its stored files could not be checked",
@@ -114,6 +118,8 @@ class Publisher:
             return False
         if outcome is reconcile.Outcome.COMMIT:
             return True
+        if outcome is reconcile.Outcome.REUPLOAD and await self._reupload(checkpoint, missing):
+            return False
         self.tracker.held(checkpoint, pruned=outcome is reconcile.Outcome.FORGET)
         if outcome is reconcile.Outcome.FORGET:
             log.info("pruned checkpoint not committed again", checkpoint=checkpoint, files=len(files))
@@ -125,6 +131,24 @@ class Publisher:
                 count=len(missing),
             )
         return False
+
+    async def _reupload(self, checkpoint: str, missing: list[StoredFile]) -> bool:
+        """Hand the lost files back to intake, so that the checkpoint commits in this run once they
+        are stored again (and the store checked again); False when there is no hook, or this
+        checkpoint used up its REUPLOADS (a store that keeps losing them): then it is held."""
+        tries = self._reuploads.get(checkpoint, 0)
+        if self.on_lost is None or tries >= REUPLOADS:
+            return False
+        self._reuploads[checkpoint] = tries + 1
+        log.warning(
+            "the store lost stored files of a checkpoint: uploading them again",
+            checkpoint=checkpoint,
+            keys=[f.key for f in missing][:20],
+            count=len(missing),
+            attempt=tries + 1,
+        )
+        await self.on_lost(missing)
+        return True
 
     async def _commit(self, checkpoint: str, reason: str) -> None:
         c, files = self.c, self.tracker.files(checkpoint)
@@ -139,6 +163,7 @@ class Publisher:
         step, committed_at = stored["step"], stored["committed_at"]
         if not self.tracker.committed(checkpoint, time.monotonic(), step=step, committed_at=committed_at):
             return  # a file changed while the manifest was written: it comes due again
+        self._reuploads.pop(checkpoint, None)
         metrics.COMMITTED.inc()
         metrics.LAST_COMMIT_TIME.set(time.time())
         if step is not None:
@@ -160,7 +185,7 @@ class Publisher:
         to the previous checkpoint until this one commits again. Raises StorageError, and then
         the overwrite must not happen either."""
         c, checkpoint = self.c, layout.checkpoint_of(relpath)
-        async with self._commit_lock:  # not while the same manifest is being written
+        async with self.commit_lock:  # not while the same manifest is being written
             if not self.tracker.listed(relpath):
                 return
             key = layout.manifest_key(c.project, c.job_id, c.node_rank, checkpoint)

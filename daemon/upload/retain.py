@@ -4,16 +4,22 @@ retention rules are applied to THIS rank's stored checkpoints, as `ckptd prune` 
 Never deleted here: what `retention.plan` protects (the latest, '.', anything not committed), any
 checkpoint with files pending or in flight in this daemon, and the checkpoints committed since the
 last pass. A pass runs after commits, one at a time; a failure (the store, a metric no checkpoint
-records yet) is logged and the pass runs again at the next commit: uploads never wait on it, nor
-fail because of it. Each deletion is one log line and counted in ckptd_pruned_checkpoints_total
-and ckptd_pruned_bytes_total.
+records yet) is logged and the pass runs again at the next commit: uploads never fail because of
+it. Each deletion is one log line and counted in ckptd_pruned_checkpoints_total and
+ckptd_pruned_bytes_total.
+
+Each checkpoint is deleted holding the publisher's commit lock, so that no manifest of it lands
+between the deletion of its manifest and that of its files (commits and manifest withdrawals wait
+for that one checkpoint), and is then told to the tracker (`CheckpointTracker.pruned`): its stored
+objects are gone, so a file of it rewritten later never commits a manifest listing them unchecked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TypeVar
 
 import structlog
 
@@ -23,6 +29,7 @@ from daemon.config import Config
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline
 
+T = TypeVar("T")
 PASS_RETRY = 30.0  # seconds a pass retries transient store errors before it waits for the next commit
 log = structlog.get_logger()
 
@@ -32,9 +39,20 @@ def rules_of(c: Config) -> retention.Rules:
 
 
 class Retainer:
-    def __init__(self, config: Config, storage: Storage, busy: Callable[[], Iterable[str]]) -> None:
-        """`busy()`: the checkpoints with files this daemon has not stored or committed yet."""
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        busy: Callable[[], Iterable[str]],
+        *,
+        lock: asyncio.Lock | None = None,
+        gone: Callable[[str], None] = lambda checkpoint: None,
+    ) -> None:
+        """`busy()`: the checkpoints with files this daemon has not stored or committed yet.
+        `lock`: held while a checkpoint is deleted (the publisher's commit lock). `gone(name)`:
+        told of each checkpoint deleted, or maybe partly deleted (a prune that failed)."""
         self.c, self.storage, self.busy = config, storage, busy
+        self.lock, self.gone = lock or asyncio.Lock(), gone
         self.rules = rules_of(config)
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -82,7 +100,7 @@ class Retainer:
         busy = set(self.busy()) | fresh
         found.interrupted = [(r, now) for r, now in found.interrupted if r.checkpoint not in busy]
         decisions = retention.plan(found.checkpoints, self.rules, stored_ranks=found.stored_ranks, in_progress=busy)
-        pruner = prune.Pruner(self.storage, c.project, c.job_id, deadline=deadline)
+        pruner = _Guarded(self.storage, c.project, c.job_id, deadline=deadline, lock=self.lock, gone=self.gone)
         return await prune.execute(pruner, found, decisions, self._pruned)
 
     def _pruned(self, freed: prune.Freed, decision: retention.Decision | None) -> None:
@@ -98,3 +116,38 @@ class Retainer:
             files=freed.files,
             reasons=why,
         )
+
+
+class _Guarded(prune.Pruner):
+    """A Pruner that deletes each checkpoint holding `lock` and tells `gone` of it afterwards:
+    when something was deleted, and when the prune failed (it may have deleted any part)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        project: str,
+        job_id: str,
+        *,
+        deadline: Deadline,
+        lock: asyncio.Lock,
+        gone: Callable[[str], None],
+    ) -> None:
+        super().__init__(storage, project, job_id, deadline=deadline)
+        self.lock, self.gone = lock, gone
+
+    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> prune.Freed:
+        return await self._guarded(checkpoint, lambda: super(_Guarded, self).prune(checkpoint, committed))
+
+    async def resume(self, record: prune.Interrupted, committed_at: str | None) -> prune.Freed | None:
+        return await self._guarded(record.checkpoint, lambda: super(_Guarded, self).resume(record, committed_at))
+
+    async def _guarded(self, checkpoint: str, call: Callable[[], Awaitable[T]]) -> T:
+        async with self.lock:
+            try:
+                freed = await call()
+            except BaseException:
+                self.gone(checkpoint)
+                raise
+            if freed is not None:  # None: committed again since, only the record went
+                self.gone(checkpoint)
+            return freed
