@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -35,7 +35,7 @@ class RestoreFailed(Exception):
     """The restore cannot complete; training must not start (exit 3)."""
 
 
-class _Corrupt(Exception):
+class Corrupt(Exception):
     """The stored object does not match its manifest entry."""
 
 
@@ -58,10 +58,10 @@ def _finish(fd: int, item: Item) -> None:
     """Verify the staged file against the manifest and make it durable."""
     size = os.fstat(fd).st_size
     if size != item.size:
-        raise _Corrupt(f"size {size}, manifest says {item.size}")
+        raise Corrupt(f"size {size}, manifest says {item.size}")
     got = sha256_of(fd)
     if got != item.sha256:
-        raise _Corrupt(f"sha256 {got}, manifest says {item.sha256}")
+        raise Corrupt(f"sha256 {got}, manifest says {item.sha256}")
     os.fsync(fd)
 
 
@@ -156,14 +156,14 @@ class Downloader:
             try:
                 await self._attempt(item, staging)
                 return
-            except _Corrupt as exc:
+            except Corrupt as exc:
                 self._advance(-self.landed.pop(item.target, 0))  # the bar goes back: fetched again
                 log.warning("restored file does not match its manifest", key=item.key, attempt=attempt, error=str(exc))
                 if attempt == ATTEMPTS:
                     raise RestoreFailed(f"checksum mismatch for {item.key} after {ATTEMPTS} downloads: {exc}") from None
 
     async def _attempt(self, item: Item, staging: Staging) -> None:
-        """Download into the staging folder, verify, fsync; _Corrupt on a mismatch."""
+        """Download into the staging folder, verify, fsync; Corrupt on a mismatch."""
         opened: list[int] = []
         try:
             await in_thread(_create, staging, item.relpath, opened)
@@ -186,15 +186,22 @@ class Downloader:
     async def _chunk(self, item: Item, fd: int, start: int, end: int) -> None:
         async with self.chunks:
             get = functools.partial(self.storage.get, item.key, start, end)
-            try:
-                data = await retrying(
-                    get, deadline=Deadline.after(self.retry_window), context={"file": item.target}, counter=None
-                )
-            except StorageError as exc:
-                if exc.code != "InvalidRange":
-                    raise
-                raise _Corrupt(f"the object ends before byte {start}") from None
-            if len(data) != end - start:
-                raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-            await in_thread(_write_at, fd, data, start)
-        self._advance(len(data), item.target)
+            deadline = Deadline.after(self.retry_window)
+            n = await land_range(lambda: retrying(get, deadline=deadline, context={"file": item.target}, counter=None),
+                                 fd, start, end)  # fmt: skip
+        self._advance(n, item.target)
+
+
+async def land_range(get: Callable[[], Awaitable[bytes]], fd: int, start: int, end: int) -> int:
+    """Bytes [start, end) of an object, fetched by `get` and written at `start` of `fd`; their
+    count. Corrupt when the store returns anything but exactly those bytes' length."""
+    try:
+        data = await get()
+    except StorageError as exc:
+        if exc.code != "InvalidRange":  # S3's answer to a range past the object's end
+            raise
+        raise Corrupt(f"the object ends before byte {start}") from None
+    if len(data) != end - start:
+        raise Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
+    await in_thread(_write_at, fd, data, start)
+    return len(data)

@@ -35,7 +35,7 @@ import structlog
 
 from daemon.files import sha256_of
 from daemon.restore import safefs
-from daemon.restore.download import ATTEMPTS, all_or_cancel, in_thread
+from daemon.restore.download import ATTEMPTS, Corrupt, all_or_cancel, in_thread, land_range
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
@@ -47,10 +47,6 @@ T = TypeVar("T")
 
 class FetchFailed(Exception):
     """A file could not be fetched, verified or put in place; the message names key and path."""
-
-
-class _Corrupt(Exception):
-    """The bytes fetched do not match what the manifest or the listing says."""
 
 
 @dataclass(frozen=True)
@@ -98,21 +94,14 @@ def _create(root_fd: int, root: str, want: Wanted, opened: list[int]) -> str:
     return tmp
 
 
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
 def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
     """Verify, fsync, rename over the file's name, fsync the folder."""
     folder, fd = opened
     size = os.fstat(fd).st_size
     if size != want.size:
-        raise _Corrupt(f"size {size}, expected {want.size}")
+        raise Corrupt(f"size {size}, expected {want.size}")
     if want.sha256 is not None and (got := sha256_of(fd)) != want.sha256:
-        raise _Corrupt(f"sha256 {got}, manifest says {want.sha256}")
+        raise Corrupt(f"sha256 {got}, manifest says {want.sha256}")
     os.fsync(fd)
     name = want.parts[-1]
     safefs.check_file_slot(folder, name, os.path.join(root, want.path))  # a link there is replaced, never followed
@@ -170,7 +159,7 @@ class _Fetcher:
             try:
                 await self._attempt(want, landed)
                 return
-            except _Corrupt as exc:
+            except Corrupt as exc:
                 self.advance(-landed[0])  # the bar goes back: fetched again
                 log.warning("downloaded file does not match", key=want.key, attempt=attempt, error=str(exc))
                 if attempt == ATTEMPTS:
@@ -199,17 +188,10 @@ class _Fetcher:
 
     async def _chunk(self, want: Wanted, fd: int, start: int, end: int, landed: list[int]) -> None:
         async with self.chunks:
-            try:
-                data = await self._retrying(functools.partial(self.storage.get, want.key, start, end), want)
-            except StorageError as exc:
-                if exc.code != "InvalidRange":
-                    raise
-                raise _Corrupt(f"the object ends before byte {start}") from None
-            if len(data) != end - start:
-                raise _Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-            await in_thread(_write_at, fd, data, start)
-        landed[0] += len(data)
-        self.advance(len(data))
+            get = functools.partial(self.storage.get, want.key, start, end)
+            n = await land_range(lambda: self._retrying(get, want), fd, start, end)
+        landed[0] += n
+        self.advance(n)
 
 
 def _open_root(folder: str) -> int:
