@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from pathlib import Path
 
 from daemon import metrics
+from daemon.catalog import layout
+from daemon.catalog.manifest import StoredFile
 from daemon.config import load
 
 
@@ -41,3 +44,16 @@ async def until(condition, timeout: float, what: str) -> None:
 
 def counter(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+async def stored_here(
+    tmp_path: Path, store, tracker, relpath: str, data: bytes, project: str = "proj", job: str = "job-1"
+):
+    """A file of the checkpoint folder stored by "an earlier run": in the store and in the tracker."""
+    path = tmp_path / "ckpt" / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    key = layout.file_key(project, job, 0, relpath)
+    f = StoredFile(relpath, len(data), hashlib.sha256(data).hexdigest(), key, await store.put(key, data))
+    tracker.stored(f, time.monotonic())
+    return f

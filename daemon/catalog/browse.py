@@ -272,6 +272,22 @@ def checkpoint_named(found: Iterable[Checkpoint], name: str) -> Checkpoint | Non
     return next((c for c in found if c.name == name), None)
 
 
+def pick(found: Iterable[Checkpoint], wanted: str, project: str, job_id: str) -> tuple[str, Checkpoint | None]:
+    """`wanted` ('latest' or a name) as (name, its committed checkpoint, None when uncommitted);
+    NotFound when the job has no committed checkpoint to be the latest."""
+    if wanted != "latest":
+        return wanted, checkpoint_named(found, wanted)
+    chosen = latest(found)
+    if chosen is None:
+        raise NotFound(f"job {job_id!r} of project {project!r} has no committed checkpoint")
+    return chosen.name, chosen
+
+
+def ranks_holding(stored: dict[int, list[str]], name: str, chosen: Checkpoint | None) -> list[int]:
+    """The ranks with files of checkpoint `name`: stored there, or named by its manifests."""
+    return sorted({r for r, names in stored.items() if name in names} | set(chosen.ranks if chosen else ()))
+
+
 # --- what is stored, committed or not (ls) ------------------------------------------------------
 
 

@@ -110,16 +110,9 @@ async def read_header(storage: Storage, key: str, size: int) -> st.Header:
 async def resolve(storage: Storage, project: str, job_id: str, target: Target) -> tuple[str, list[Found]]:
     """The checkpoint's name and the files PATH names; NotFound when there are none."""
     found = await browse.checkpoints(storage, project, job_id)
-    name = target.checkpoint
-    if name == "latest":
-        chosen = browse.latest(found)
-        if chosen is None:
-            raise browse.NotFound(f"job {job_id!r} of project {project!r} has no committed checkpoint")
-        name = chosen.name
-    else:
-        chosen = browse.checkpoint_named(found, name)
+    name, chosen = browse.pick(found, target.checkpoint, project, job_id)
     stored = await browse.stored_folders(storage, project, job_id)
-    ranks = sorted({r for r, names in stored.items() if name in names} | set(chosen.ranks if chosen else ()))
+    ranks = browse.ranks_holding(stored, name, chosen)
     if name == layout.ROOT_CHECKPOINT:
         ranks = sorted(stored)  # files at the top of a rank: any rank may have them
     if target.rank is not None:

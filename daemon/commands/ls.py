@@ -224,14 +224,8 @@ async def list_files(storage: Storage, project: str, job_id: str, wanted: str) -
     found, stored = await asyncio.gather(
         browse.checkpoints(storage, project, job_id), browse.stored_folders(storage, project, job_id)
     )
-    if wanted == "latest":
-        chosen = browse.latest(found)
-        if chosen is None:
-            raise browse.NotFound(f"job {job_id!r} of project {project!r} has no committed checkpoint")
-        name = chosen.name
-    else:
-        name, chosen = wanted, browse.checkpoint_named(found, wanted)
-    ranks = sorted({r for r, names in stored.items() if name in names} | set(chosen.ranks if chosen else ()))
+    name, chosen = browse.pick(found, wanted, project, job_id)
+    ranks = browse.ranks_holding(stored, name, chosen)
     if not ranks:
         raise browse.NotFound(f"no checkpoint {wanted!r} in job {job_id!r} of project {project!r}")
     rows = []

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, stored_objects, watch_args
-from engines import config
+from engines import config, stored_here
 from structlog.testing import capture_logs
 
 from daemon.catalog import layout
 from daemon.catalog.manifest import StoredFile
-from daemon.storage import Storage
 from daemon.storage.local import LocalStorage
 from daemon.storage.retry import Deadline
 from daemon.upload.commit import CheckpointTracker
@@ -42,19 +41,6 @@ HELD = "checkpoint not committed: the store lost files of it"
 
 
 # --- the publisher's hook, in-process against a real (local) store ---------------------------------
-
-
-async def stored_here(
-    tmp_path: Path, store: Storage, tracker: CheckpointTracker, relpath: str, data: bytes
-) -> StoredFile:
-    """A file of the checkpoint folder stored by "an earlier run": in the store and the tracker."""
-    path = tmp_path / "ckpt" / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    key = layout.file_key(P, J, 0, relpath)
-    f = StoredFile(relpath, len(data), hashlib.sha256(data).hexdigest(), key, await store.put(key, data))
-    tracker.stored(f, time.monotonic())
-    return f
 
 
 async def lost_checkpoint(tmp_path: Path) -> tuple[LocalStorage, CheckpointTracker, Publisher, StoredFile]:

@@ -14,17 +14,16 @@ import io
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, stored_objects, watch_args
-from engines import config
+from engines import config, stored_here
 from structlog.testing import capture_logs
 
 from daemon.catalog import layout, prune
 from daemon.catalog.manifest import StoredFile
-from daemon.storage import Storage, StorageError
+from daemon.storage import StorageError
 from daemon.storage.local import LocalStorage
 from daemon.storage.retry import Deadline
 from daemon.upload import records
@@ -219,19 +218,6 @@ async def test_absent_is_bounded_and_names_the_key_that_failed(tmp_path):
 
     with pytest.raises(StorageError, match=r"head '.*/checkpoint-1/shard-0'.*AccessDenied"):
         await absent(Denying(tmp_path / "store"), files[:1], deadline=Deadline.after(10))
-
-
-async def stored_here(
-    tmp_path: Path, store: Storage, tracker: CheckpointTracker, relpath: str, data: bytes
-) -> StoredFile:
-    """A file of the checkpoint folder, stored by "an earlier run": in the store and in the tracker."""
-    path = tmp_path / "ckpt" / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    key = layout.file_key(P, J, 0, relpath)
-    f = StoredFile(relpath, len(data), hashlib.sha256(data).hexdigest(), key, await store.put(key, data))
-    tracker.stored(f, time.monotonic())
-    return f
 
 
 @pytest.mark.parametrize("case", ["present", "pruned", "lost", "changed since the prune"])
