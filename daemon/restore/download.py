@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -88,6 +89,18 @@ async def all_or_cancel(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Tally:
+    """What a download did: all the files it was to land, and how many were fetched or kept."""
+
+    files: int
+    bytes: int
+    downloaded_files: int
+    downloaded_bytes: int
+    kept_files: int
+    seconds: float
 
 
 class Downloader:

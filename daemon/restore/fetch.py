@@ -35,7 +35,7 @@ import structlog
 
 from daemon.files import sha256_of
 from daemon.restore import safefs
-from daemon.restore.download import ATTEMPTS, Corrupt, all_or_cancel, in_thread, land_range
+from daemon.restore.download import ATTEMPTS, Corrupt, Tally, all_or_cancel, in_thread, land_range
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
@@ -63,14 +63,8 @@ class Wanted:
         return "/".join(self.parts)
 
 
-@dataclass
-class FetchReport:
-    files: int
-    bytes: int
-    downloaded_files: int
-    downloaded_bytes: int
-    kept_files: int
-    seconds: float
+class FetchReport(Tally):
+    """What `ckptd download` fetched."""
 
 
 def _kept(root_fd: int, root: str, want: Wanted) -> bool:

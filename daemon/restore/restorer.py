@@ -41,7 +41,7 @@ from daemon.config.refs import CheckpointRef
 from daemon.config.schema import DEFAULT_MARKERS
 from daemon.files import write_atomic
 from daemon.restore import links, safefs, stage
-from daemon.restore.download import Downloader, RestoreFailed, all_or_cancel, in_thread
+from daemon.restore.download import Downloader, RestoreFailed, Tally, all_or_cancel, in_thread
 from daemon.restore.plan import Conflict, Unit, UnsafeManifest, plan
 from daemon.restore.resolve import AmbiguousJob, BadManifest, Resolved, Unmatched, resolve
 from daemon.restore.stage import STAGING_PREFIX, Inspection, Staging
@@ -61,13 +61,7 @@ class RestoreConflict(RestoreFailed):
 
 
 @dataclass
-class RestoreReport:
-    files: int
-    bytes: int
-    downloaded_files: int
-    downloaded_bytes: int
-    kept_files: int
-    seconds: float
+class RestoreReport(Tally):
     restored: list[dict[str, Any]]
     missing: list[str]
     refused: list[str] = field(default_factory=list)  # optional references whose folder was in the way
