@@ -81,6 +81,6 @@ def main(c: Config, args: argparse.Namespace) -> int:
 
     reports: list[RestoreReport] = []
     code = uvloop.run(go())
-    if args.json and reports:
-        show.print_json(asdict(reports[0]))
+    if args.json and code is None:  # a failure has said why on stderr; nothing asked: an empty report
+        show.print_json(asdict(reports[0] if reports else RestoreReport(0, 0, 0, 0, 0, 0.0, [], [])))
     return code or exits.OK

@@ -11,6 +11,8 @@ import json
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -169,3 +171,13 @@ async def test_lying_manifest_exits_3_naming_the_key(moto_bucket, source, tmp_pa
     assert failed and layout.file_key("proj", "src", 0, "checkpoint-20/config.json") in failed[0]["error"]
     assert "Traceback" not in d.log.read_text()
     assert list((tmp_path / "out" / "rank-0").iterdir()) == []  # nothing handed to the trainer
+
+
+def test_json_with_nothing_to_restore_prints_an_empty_report(tmp_path):
+    """`--json` always prints a report when it exits 0, so a script never parses empty output."""
+    argv = [sys.executable, "-m", "daemon", "restore", "--storage", f"file://{tmp_path}/store",
+            "--restore-dir", str(tmp_path / "out"), "--json"]  # fmt: skip
+    r = subprocess.run(argv, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["files"] == 0 and report["restored"] == [] and report["missing"] == []
