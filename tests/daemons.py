@@ -75,11 +75,21 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
 class Daemon:
     """A `ckptd` subprocess whose JSON-lines log goes to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, ignoring: tuple[int, ...] = ()) -> None:
+        """`ignoring`: signals ckptd starts with ignored, as under nohup or as a script's background job."""
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
+
+        def inherit_ignored() -> None:  # in the child, before exec: SIG_IGN survives exec
+            for sig in ignoring:
+                signal.signal(sig, signal.SIG_IGN)
+
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", *args], env=env, stdout=self._out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "daemon", *args],
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=inherit_ignored if ignoring else None,
         )
 
     def events(self, name: str | None = None) -> list[dict]:

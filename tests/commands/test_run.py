@@ -20,6 +20,8 @@ import yaml
 from daemons import PREFIX, PROJECT, Daemon, base_env, manifests, s3_args, sha256, stored_objects, wait_for
 from servers import free_port
 
+from daemon.commands.signals import FORWARDED
+
 KIND = "integration"
 
 TRAINER = str(Path(__file__).resolve().parent.parent / "trainers" / "fake_trainer.py")
@@ -51,6 +53,7 @@ def job(tmp_path):
         trainer: dict | None = None,
         endpoint: str | None = None,
         cmd: list[str] | None = None,
+        ignoring: tuple[int, ...] = (),
     ) -> Job:
         folder = tmp_path / f"{job_id}-rank-{rank}"
         folder.mkdir()
@@ -95,7 +98,7 @@ def job(tmp_path):
             "TRAINER_READY": str(folder / "ready"),
             **(trainer or {}),
         }
-        d = Daemon(args, env, folder / "ckptd.log")
+        d = Daemon(args, env, folder / "ckptd.log", ignoring)
         started.append(d)
         return Job(d, folder)
 
@@ -373,6 +376,18 @@ def test_hup_and_usr_signals_reach_the_trainer_which_goes_on(job, moto_bucket):
     assert j.daemon.wait() == 0, j.daemon.tail()
     assert j.record["signals"] == sent and j.record["terminated"] is True
     assert [e["action"] for e in j.daemon.events("signal received")] == ["forward"] * 3 + ["stop"]
+
+
+def test_the_trainer_hears_forwarded_signals_though_ckptd_started_ignoring_them(job, moto_bucket, tmp_path):
+    """Under nohup, or as a background job of a script, ckptd starts with SIGHUP or SIGINT ignored.
+    It forwards them all the same, so the trainer must not start ignoring them either (its handlers
+    for them are reset by exec, and uvloop's spawn resets every disposition: either suffices)."""
+    status = tmp_path / "trainer-status"
+    kill_itself = f"grep SigIgn /proc/$$/status > {status}; kill -INT $$"
+    j = job(moto_bucket, "job-ign", cmd=["sh", "-c", kill_itself], ignoring=FORWARDED)
+    assert j.daemon.wait() == 128 + signal.SIGINT, j.daemon.tail()
+    ignored = int(status.read_text().split()[1], 16)  # bit N-1 set: signal N ignored
+    assert [s.name for s in FORWARDED if ignored & (1 << (s - 1))] == []
 
 
 @pytest.fixture
