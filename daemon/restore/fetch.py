@@ -16,15 +16,18 @@ folder, verified, fsynced and renamed over its name; the folder is then fsynced.
 - Bounds: at most `concurrency` files and `concurrency` chunks of `chunk_size` bytes in memory at
   once, whatever the sizes; a size lie costs one HEAD, and the free space is checked first.
 - A kill leaves at most `.tmp-ckptd-download-*` files beside complete ones, never a torn file
-  under a real name.
+  under a real name; the next download into the folder removes them. Downloads into one folder
+  take turns (a lock on it), so the leftovers it removes are never a running download's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import os
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -193,6 +196,33 @@ def _open_root(folder: str) -> int:
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+async def _take_turn(root_fd: int, root: str) -> None:
+    """Hold the download folder's lock (released with `root_fd`), waiting while another download has it.
+    Polled, never a blocking flock in a thread: a cancelled wait must end at once."""
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not waiting:
+                log.info("waiting for another download into the same folder", folder=root)
+                waiting = True
+            await asyncio.sleep(0.2)
+
+
+def _sweep(root_fd: int, root: str, folders: set[tuple[str, ...]]) -> int:
+    """Remove the temporary files a killed download left in `folders`; how many were removed."""
+    removed = 0
+    for dirs in sorted(folders):
+        with safefs.folder(root_fd, dirs, root) as d:
+            for name in os.listdir(d) if d is not None else ():
+                if name.startswith(TMP_PREFIX) and stat.S_ISREG(os.lstat(name, dir_fd=d).st_mode):
+                    os.unlink(name, dir_fd=d)
+                    removed += 1
+    return removed
+
+
 def _check_space(root_fd: int, root: str, need: int) -> None:
     st = os.statvfs(root_fd)
     free = st.f_bavail * st.f_frsize
@@ -226,7 +256,10 @@ async def fetch(
     try:
         loader = _Fetcher(storage, (root_fd, folder), concurrency, chunk_size, progress, retry_window)
         loader.total = sum(w.size for w in wanted)
+        await _take_turn(root_fd, folder)
         try:
+            if removed := await in_thread(_sweep, root_fd, folder, {w.parts[:-1] for w in wanted}):
+                log.info("removed what a killed download left", folder=folder, files=removed)
             kept = await all_or_cancel(in_thread(_kept, root_fd, folder, w) for w in wanted)
         except safefs.Refused as exc:
             raise FetchFailed(f"cannot download into {exc.path}: {exc}") from None

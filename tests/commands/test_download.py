@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from daemons import PREFIX
+from daemons import PREFIX, wait_for
+from faults import FaultProxy, Rule
+
+from daemon.restore.fetch import TMP_PREFIX
 
 KIND = "integration"
 
@@ -126,6 +130,27 @@ def test_a_file_that_differs_from_its_manifest_fails_and_does_not_land(moto_buck
     assert r.returncode == 1
     assert "does not match after 3 downloads" in r.stderr and "optimizer.pt" in r.stderr
     assert not (out / "trained/rank-1/checkpoint-10/optimizer.pt").exists()
+
+
+def test_what_a_killed_download_leaves_the_next_one_removes(moto_bucket, trained_job, tmp_path: Path) -> None:
+    job = trained_job(moto_bucket, ranks=1, steps=(10,), losses=(0.5,))
+    out, ask = tmp_path / "out", ["--job", job.job_id, "--path", "rank-0/checkpoint-10/"]
+    # The data, not the manifests: the files are open under temporary names and no byte comes.
+    stall = Rule("stall", ops=("GetObject",), key="*/rank-0/checkpoint-10/*", seconds=60)
+    with FaultProxy(int(moto_bucket.server.endpoint_url.rsplit(":", 1)[1]), [stall]) as proxy:
+        through = [proxy.endpoint if a == moto_bucket.server.endpoint_url else a for a in job.storage_args]
+        argv = [sys.executable, "-m", "daemon", "download", *through, "--project", job.project, *ask, "--to", str(out)]
+        killed = subprocess.Popen(argv, env=job.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            left = wait_for(lambda: list(out.rglob(f"{TMP_PREFIX}*")), 60, "the download to open its files")
+        finally:
+            killed.send_signal(signal.SIGKILL)
+            killed.wait(30)
+    assert all(p.exists() for p in left)  # a kill runs no cleanup
+    r = job.cli("download", *ask, "--to", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert got(out) == expected(job, (0,), "checkpoint-10")  # the leftovers are gone, only real files remain
+    assert "removed what a killed download left" in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,15 @@ downloads retried then refused, links in the target folder refused and never fol
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
+from engines import until
+from structlog.testing import capture_logs
 
 from daemon.restore.fetch import TMP_PREFIX, FetchFailed, Wanted, fetch
 from daemon.storage import Storage
@@ -189,3 +193,41 @@ async def test_a_wrong_file_in_place_is_replaced(tmp_path: Path) -> None:
     async with LocalStorage(tmp_path / "store") as store:
         report = await fetch(store, await put_all(store), str(tmp_path / "out"))
     assert target.read_bytes() == b"{}" and report.downloaded_files == 5
+
+
+async def test_leftovers_in_the_folders_written_into_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    mine = out / JOB / "rank-0" / "checkpoint-10"
+    other = out / "other-job"
+    for folder in (mine, other):
+        folder.mkdir(parents=True)
+        (folder / f"{TMP_PREFIX}dead").write_bytes(b"half")
+    (tmp_path / "elsewhere").write_bytes(b"keep")
+    (mine / f"{TMP_PREFIX}link").symlink_to(tmp_path / "elsewhere")  # not ours: never a regular file
+    async with LocalStorage(tmp_path / "store") as store:
+        with capture_logs() as logs:
+            await fetch(store, await put_all(store), str(out))
+    assert sorted(p.name for p in mine.iterdir()) == [f"{TMP_PREFIX}link", "empty", "model.safetensors", "sub"]
+    assert (other / f"{TMP_PREFIX}dead").exists()  # not a folder this download writes into
+    assert (tmp_path / "elsewhere").read_bytes() == b"keep"
+    assert [e["files"] for e in logs if e["event"] == "removed what a killed download left"] == [1]
+
+
+async def test_downloads_into_one_folder_take_turns(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another download is writing here
+    try:
+        async with LocalStorage(tmp_path / "store") as store:
+            wants = await put_all(store)
+            with capture_logs() as logs:
+                second = asyncio.create_task(fetch(store, wants, str(out)))
+                waiting = "waiting for another download into the same folder"
+                await until(lambda: any(e["event"] == waiting for e in logs), 30, "the second download to wait")
+                assert not second.done() and not leftovers(out) and tree(out) == {}
+                fcntl.flock(holder, fcntl.LOCK_UN)
+                report = await asyncio.wait_for(second, 30)
+    finally:
+        os.close(holder)
+    assert report.downloaded_files == 5 and tree(out) == expected_tree()
