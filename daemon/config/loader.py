@@ -217,6 +217,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: SafeLoader merges it, keys may repeat
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
@@ -281,8 +283,13 @@ def _check_together(c: Config, explicit: set[str]) -> None:
     if c.s3_ca_bundle and not os.path.isfile(c.s3_ca_bundle):
         raise ConfigError(_label(SPECS["s3_ca_bundle"]), f"{c.s3_ca_bundle} is not a readable file")
     _check_retention(c)
-    named = [r.checkpoint_name for r in c.checkpoints if r.checkpoint_name]
-    duplicate = next((n for n in named if named.count(n) > 1), None)
+    # Two references to the very same checkpoint are one (restore/plan.py); two checkpoints of one
+    # name from different jobs would land on one folder: refused before anything starts.
+    sources: dict[str, set[tuple[str | None, str | None]]] = {}
+    for r in c.checkpoints:
+        if r.checkpoint_name:
+            sources.setdefault(r.checkpoint_name, set()).add((r.project_name or c.project, r.job_id))
+    duplicate = next((name for name, jobs in sources.items() if len(jobs) > 1), None)
     if duplicate:
         raise ConfigError(_label(SPECS["checkpoints"]), f"two references would land on rank-N/{duplicate}/")
 

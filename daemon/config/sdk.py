@@ -30,8 +30,10 @@ reference has no place for (storage, job_id, upload, retention...) may stand bes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import runpy
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,7 +252,8 @@ def from_python(path: str) -> dict[str, Any]:
     from truss_train.definitions import TrainingProject
 
     try:
-        namespace = runpy.run_path(path, run_name="__ckptd_config__")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is ckptd's own (--json)
+            namespace = runpy.run_path(path, run_name="__ckptd_config__")
     except (Exception, SystemExit) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise FieldError(path, f"running it failed: {type(e).__name__}: {first}") from None

@@ -243,3 +243,21 @@ def test_a_truss_serving_config_drives_ckptd_download(moto_bucket, tmp_path):
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     [ignored] = [e for e in events if e.get("event", "").startswith("config file fields ignored")]
     assert sorted(ignored["fields"]) == ["model_name", "python_version", "requirements", "resources", "secrets"]
+
+
+def test_what_a_python_config_prints_stays_off_the_json_output(moto_bucket, tmp_path, sdk_python):
+    previous_job(moto_bucket, tmp_path / "previous")
+    folder = workdir(tmp_path, "example")
+    config = folder / "config.py"
+    config.write_text('print("hello from config.py")\n' + config.read_text())
+    done = subprocess.run(
+        [sdk_python, "-m", "daemon", "ls", "--config", str(config), *s3_args(moto_bucket), "--json"],
+        env={**base_env(), **moto_bucket.server.env()},
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [job["job_id"] for job in json.loads(done.stdout)["jobs"]] == [PREVIOUS]
+    assert "hello from config.py" in done.stderr

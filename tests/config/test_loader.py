@@ -205,3 +205,26 @@ def test_every_setting_has_help_and_a_valid_default():
             "metrics_addr",
         }, name
     load({}, ENV)  # parses every default
+
+
+def test_yaml_merge_keys_load_as_yaml_reads_them(tmp_path):
+    path = write(
+        tmp_path,
+        """
+project: p
+checkpointing_config: {enabled: true, checkpoint_path: /ckpt}
+load_checkpoint_config:
+  <<: {enabled: false, download_folder: /shared}
+  enabled: true
+  download_folder: /loaded
+""",
+    )
+    c = load({}, ENV, path)
+    assert (c.restore_enabled, c.restore_dir, c.checkpoint_dir) == (True, "/loaded", "/ckpt")
+
+
+def test_two_references_to_one_checkpoint_are_one_and_two_sources_of_one_name_are_refused(tmp_path):
+    same = "job=src,checkpoint=checkpoint-10;job=src,checkpoint=checkpoint-10,required"
+    assert len(load({"checkpoints": same}, ENV).checkpoints) == 2  # restore/plan.py makes them one unit
+    with pytest.raises(ConfigError, match="two references would land on rank-N/checkpoint-10/"):
+        load({"checkpoints": "job=src,checkpoint=checkpoint-10;job=other,checkpoint=checkpoint-10"}, ENV)
