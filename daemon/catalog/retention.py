@@ -19,6 +19,7 @@ from daemon.catalog.browse import Checkpoint
 # Reasons a checkpoint is kept. The first four are protections: no rule set can delete them.
 ROOT, IN_PROGRESS, UNCOMMITTED, LATEST = "root", "in_progress", "uncommitted", "latest"
 KEEP_LAST, KEEP_BEST, KEEP_EVERY_STEPS = "keep_last", "keep_best", "keep_every_steps"
+NO_METRIC = "no_metric"  # keep_best cannot rank it: kept, as Orbax's BestN keeps it by default
 PROTECTIONS = (ROOT, IN_PROGRESS, UNCOMMITTED, LATEST)
 
 
@@ -91,6 +92,7 @@ def plan(
     *,
     stored_ranks: Mapping[str, Collection[int]] | None = None,
     in_progress: Collection[str] = (),
+    ranked_by: Iterable[Checkpoint] | None = None,
 ) -> list[Decision]:
     """Keep or delete, for every checkpoint of `found` (committed on some rank) and of
     `stored_ranks` (checkpoint -> ranks that store files of it), in name order.
@@ -104,16 +106,20 @@ def plan(
     | among the N latest ranked                   | keep_last                    | no      |
     | among the K best ranked by metric (mode)    | keep_best                    | no      |
     | step is a multiple of S                     | keep_every_steps             | no      |
+    | keep_best given, no value of its metric     | no_metric                    | no      |
     | ranked, and no rule keeps it                | -                            | yes     |
-    | ranked, no step, no metric value            | only keep_last may keep it   | likely  |
+    | ranked, no step, no metric given            | only keep_last may keep it   | likely  |
 
     Ranked: the named checkpoints committed on every rank that stores files of them, in-progress
     ones included (Orbax counts every finalized checkpoint; they are kept anyway), so keep_last 2
     right after a commit keeps that one and the one before. Uncommitted ones are neither counted
     nor ranked: they may never commit. The latest is chosen as restore chooses it (browse.latest)
-    among the ranked ones. A checkpoint without the metric cannot be ranked by it: only another
-    rule keeps it. NoRules when no rule is given; browse.MissingMetric when keep_best is given,
-    there are checkpoints to rank, and none records the metric (the caller must then delete nothing).
+    among the ranked ones. A checkpoint without a value of keep_best's metric cannot be judged by
+    it, so it is kept (an eval that did not run at that step says nothing against it). The values
+    come from `ranked_by` when given: the same checkpoints seen on every rank, for a caller that
+    decides for one rank while the metrics are recorded by another (often rank 0 only). NoRules
+    when no rule is given; browse.MissingMetric when keep_best is given, there are checkpoints to
+    rank, and none records the metric (the caller must then delete nothing).
     """
     if rules.empty:
         raise NoRules()
@@ -133,7 +139,7 @@ def plan(
     newest = browse.latest(complete)
     if newest is not None:
         protected[newest.name].append(LATEST)
-    kept = _kept_by_rules(complete, rules)
+    kept = _kept_by_rules(complete, rules, {c.name: c for c in ranked_by or ()})
     decisions = []
     for name, why in protected.items():
         reasons = (*why, *kept.get(name, ()))
@@ -141,14 +147,18 @@ def plan(
     return decisions
 
 
-def _kept_by_rules(ranked: list[Checkpoint], rules: Rules) -> dict[str, list[str]]:
+def _kept_by_rules(ranked: list[Checkpoint], rules: Rules, seen: Mapping[str, Checkpoint]) -> dict[str, list[str]]:
     kept: dict[str, list[str]] = {}
     if rules.keep_last is not None:
         for c in sorted(ranked, key=Checkpoint.recency, reverse=True)[: rules.keep_last]:
             kept.setdefault(c.name, []).append(KEEP_LAST)
     if rules.keep_best is not None and rules.metric is not None and ranked:
-        for c in browse.best(ranked, rules.metric, rules.mode)[: rules.keep_best]:
+        judged = [seen.get(c.name, c) for c in ranked]
+        for c in browse.best(judged, rules.metric, rules.mode)[: rules.keep_best]:
             kept.setdefault(c.name, []).append(KEEP_BEST)
+        for c in judged:
+            if c.name != layout.ROOT_CHECKPOINT and c.metric(rules.metric) is None:
+                kept.setdefault(c.name, []).append(NO_METRIC)
     if rules.keep_every_steps is not None:
         for c in ranked:
             if c.step is not None and c.step % rules.keep_every_steps == 0:

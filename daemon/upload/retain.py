@@ -99,7 +99,14 @@ class Retainer:
             return []
         busy = set(self.busy()) | fresh
         found.interrupted = [(r, now) for r, now in found.interrupted if r.checkpoint not in busy]
-        decisions = retention.plan(found.checkpoints, self.rules, stored_ranks=found.stored_ranks, in_progress=busy)
+        # The metric may be recorded by one rank only (an HF Trainer's evals are rank 0's): rank by
+        # every rank's manifests, so that each rank keeps the same checkpoints.
+        judged = None
+        if self.rules.keep_best is not None:
+            judged = await browse.checkpoints(self.storage, c.project, c.job_id)
+        decisions = retention.plan(
+            found.checkpoints, self.rules, stored_ranks=found.stored_ranks, in_progress=busy, ranked_by=judged
+        )
         pruner = _Guarded(self.storage, c.project, c.job_id, deadline=deadline, lock=self.lock, gone=self.gone)
         return await prune.execute(pruner, found, decisions, self._pruned)
 

@@ -107,10 +107,17 @@ CASES = [
         {"checkpoint-10": ("latest", "keep_last"), "checkpoint-50": ("uncommitted",)},
     ),
     (
-        "a checkpoint without the metric is not ranked: only another rule keeps it",
+        "a checkpoint without the metric cannot be judged by it: kept, as Orbax's BestN does",
         [ckpt("checkpoint-5"), *TRAINED],
         Rules(keep_best=1, metric="eval_loss"),
         {},
+        {"checkpoint-5": ("no_metric",), "checkpoint-20": ("keep_best",), "checkpoint-40": ("latest",)},
+    ),
+    (
+        "metrics recorded by another rank rank this rank's checkpoints",
+        [ckpt(c.name, ranks=(1,)) for c in TRAINED],
+        Rules(keep_best=1, metric="eval_loss"),
+        {"ranked_by": TRAINED},
         {"checkpoint-20": ("keep_best",), "checkpoint-40": ("latest",)},
     ),
     (
