@@ -38,7 +38,7 @@ from urllib.parse import unquote
 from daemon import exits
 from daemon.catalog import browse, jobmeta
 from daemon.commands import show
-from daemon.commands.download import Refused, resolve_project, stored_files
+from daemon.commands.download import stored_files
 from daemon.config import Config
 from daemon.config.quantities import duration
 from daemon.files import write_atomic
@@ -76,11 +76,9 @@ def job_object(project: str, job_id: str, meta: dict[str, Any] | None) -> dict[s
 
 
 async def build(storage: Storage, c: Config, expires: int, local: bool) -> dict[str, Any]:
-    if "job_id" in c.explicit:
-        job_id = c.job_id
-        project = await resolve_project(storage, job_id, c.project)
-    else:
-        project, job_id = c.project, await browse.latest_job(storage, c.project)
+    from daemon.commands.ls import find_job
+
+    project, job_id = await find_job(storage, c, say_latest=False)  # as ls and inspect find it
     try:
         meta = await jobmeta.read_job(storage, project, job_id)
     except jobmeta.JobNotFound:
@@ -131,8 +129,8 @@ def main(c: Config, args: argparse.Namespace) -> int:
 
     try:
         out = uvloop.run(go())
-    except Refused as exc:
-        return show.fail(str(exc), exc.code)
+    except browse.AmbiguousJob as exc:
+        return show.fail(str(exc), exits.CONFIG)
     except browse.NotFound as exc:
         return show.fail(str(exc))
     except StorageError as exc:

@@ -94,6 +94,7 @@ def test_most_recent_job_when_none_is_named_and_output_file(moto_bucket, trained
         (["--job", "trained", "--expires", "604801"], 2, "between 1s and 7d"),
         (["--job", "trained", "--expires", "soon"], 2, "--expires"),
         (["--job", "nope"], 1, "no job 'nope'"),
+        (["--project", "elsewhere", "--job", "trained"], 1, "no job 'trained' in project 'elsewhere'"),
         (["--project", "nothing-here"], 1, "project 'nothing-here' has no jobs"),
     ],
 )
