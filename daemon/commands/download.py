@@ -85,7 +85,13 @@ class Selection:
     unverified: list[str] = field(default_factory=list)  # "rank-N/checkpoint" without a manifest entry
 
 
-async def resolve_project(storage: Storage, job_id: str, default_project: str) -> str:
+async def resolve_project(storage: Storage, job_id: str, default_project: str, *, only: bool = False) -> str:
+    """The project holding the job: `default_project` if it does; unless `only` (the project was
+    asked for), the one other project that does, as the reference's job ids name no project."""
+    if only:
+        if not await browse.job_exists(storage, default_project, job_id):
+            raise Refused(f"no job {job_id!r} in project {default_project!r} in {storage.url}", exits.FAILED)
+        return default_project
     try:
         project = await browse.project_of(storage, job_id, default_project)
     except browse.AmbiguousJob as exc:
@@ -95,11 +101,11 @@ async def resolve_project(storage: Storage, job_id: str, default_project: str) -
     return project
 
 
-async def select(storage: Storage, ref: ArtifactRef, default_project: str) -> Selection:
+async def select(storage: Storage, ref: ArtifactRef, default_project: str, *, only: bool = False) -> Selection:
     """The stored files of the reference's job that its paths match; Refused naming a pattern that
     matches nothing."""
     parsed = [patterns.parse(p) for p in ref.paths]  # checked at load or by main: cannot fail here
-    project = await resolve_project(storage, ref.job_id, default_project)
+    project = await resolve_project(storage, ref.job_id, default_project, only=only)
     files = await stored_files(storage, project, ref.job_id)
     found = await browse.checkpoints(storage, project, ref.job_id)
     # (rank, relpath) -> (key, size, sha256): the manifests first, so a committed file is verified.
@@ -192,7 +198,8 @@ def main(c: Config, args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         refs = references(c, args)
         async with storage_for(c) as storage:
-            selections = [await select(storage, ref, c.project) for ref in refs]
+            only = "project" in c.explicit
+            selections = [await select(storage, ref, c.project, only=only) for ref in refs]
             unverified = [f"{s.job_id}:{u}" for s in selections for u in s.unverified]
             if unverified:
                 log.warning(

@@ -158,6 +158,11 @@ def test_what_a_killed_download_leaves_the_next_one_removes(moto_bucket, trained
     [
         (["--job", "trained", "--path", "rank-*/checkpoint-99/"], 1, "'rank-*/checkpoint-99/' matches no stored file"),
         (["--job", "nope", "--path", "rank-*/checkpoint-10/"], 1, "no job 'nope'"),
+        (
+            ["--project", "elsewhere", "--job", "trained", "--path", "rank-0/"],
+            1,
+            "no job 'trained' in project 'elsewhere'",
+        ),
         (["--job", "trained", "--path", "rank-0/../x"], 2, "'..' segment"),
         (["--job", "trained", "--path", "/rank-0/x"], 2, "absolute"),
         (["--job", "trained", "--path", "checkpoint-10/"], 2, "must start with a rank folder"),
