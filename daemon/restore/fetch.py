@@ -80,15 +80,14 @@ def _kept(root_fd: int, root: str, want: Wanted) -> bool:
         return want.sha256 is not None and safefs.matches(d, name, want.size, want.sha256)
 
 
-def _create(root_fd: int, root: str, want: Wanted, opened: list[int]) -> str:
-    """Open (creating) the file's folder link-free and a new temporary file in it; the folder's and the
-    file's descriptors go into `opened` at once, so the caller closes them even when cancelled."""
+def _create(root_fd: int, root: str, want: Wanted, tmp: str, opened: list[int]) -> None:
+    """Open (creating) the file's folder link-free and the temporary file `tmp` in it; the folder's
+    and the file's descriptors go into `opened` at once, so the caller closes them (and removes
+    `tmp`, whose name it chose) even when cancelled while this runs."""
     with safefs.folder(root_fd, want.parts[:-1], root, create=True) as d:
         assert d is not None
         opened.append(os.dup(d))
-    tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
     opened.append(safefs.create_file(opened[0], tmp))
-    return tmp
 
 
 def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
@@ -101,7 +100,7 @@ def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
         raise Corrupt(f"sha256 {got}, manifest says {want.sha256}")
     os.fsync(fd)
     name = want.parts[-1]
-    safefs.check_file_slot(folder, name, os.path.join(root, want.path))  # a link there is replaced, never followed
+    safefs.check_file_slot(folder, name, os.path.join(root, want.path))  # a link there is refused, never followed
     safefs.rename(folder, tmp, folder, name)
     os.fsync(folder)
 
@@ -164,9 +163,9 @@ class _Fetcher:
 
     async def _attempt(self, want: Wanted, landed: list[int]) -> None:
         opened: list[int] = []
-        tmp: str | None = None
+        tmp: str | None = f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            tmp = await in_thread(_create, self.root_fd, self.root, want, opened)
+            await in_thread(_create, self.root_fd, self.root, want, tmp, opened)
             offsets = iter(range(0, want.size, self.chunk_size))  # shared: each chunk is taken by one worker
 
             async def worker() -> None:
@@ -177,7 +176,7 @@ class _Fetcher:
             await in_thread(_finish, opened, tmp, want, self.root)
             tmp = None
         finally:
-            if tmp is not None and opened:  # synchronous: it must happen even while being cancelled
+            if tmp is not None and len(opened) == 2:  # synchronous: it must happen even while being cancelled
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=opened[0])
             for fd in opened:  # every writer thread has ended: in_thread and all_or_cancel wait for them
@@ -211,23 +210,41 @@ async def _take_turn(root_fd: int, root: str) -> None:
             await asyncio.sleep(0.2)
 
 
-def _sweep(root_fd: int, root: str, folders: set[tuple[str, ...]]) -> int:
-    """Remove the temporary files a killed download left in `folders`; how many were removed."""
+def _sweep(root_fd: int, root: str, wanted: Sequence[Wanted]) -> int:
+    """Remove the temporary files a killed download left in the folders of `wanted` (never a wanted
+    file, whatever its name); how many were removed."""
     removed = 0
-    for dirs in sorted(folders):
+    folders: dict[tuple[str, ...], set[str]] = {}
+    for w in wanted:
+        folders.setdefault(w.parts[:-1], set()).add(w.parts[-1])
+    for dirs, names in sorted(folders.items()):
         with safefs.folder(root_fd, dirs, root) as d:
             for name in os.listdir(d) if d is not None else ():
-                if name.startswith(TMP_PREFIX) and stat.S_ISREG(os.lstat(name, dir_fd=d).st_mode):
+                if name.startswith(TMP_PREFIX) and name not in names and stat.S_ISREG(os.lstat(name, dir_fd=d).st_mode):
                     os.unlink(name, dir_fd=d)
                     removed += 1
     return removed
 
 
-def _check_space(root_fd: int, root: str, need: int) -> None:
+def disk_bytes(todo: Sequence[Wanted], block: int) -> int:
+    """What the files take on a disk of `block`-byte blocks: whole blocks per file, and a block per
+    folder that may be created (an empty file takes none).
+
+    | files (sizes) in folders   | block | bytes |
+    |----------------------------|-------|-------|
+    | 1 in a                     | 4096  | 8192  |
+    | 4097 in a                  | 4096  | 12288 |
+    | 0 in a                     | 4096  | 4096  |
+    | 1 in a, 1 in a, 1 in b     | 4096  | 20480 |
+    """
+    return sum(-(-w.size // block) * block for w in todo) + block * len({w.parts[:-1] for w in todo})
+
+
+def _check_space(root_fd: int, root: str, todo: Sequence[Wanted]) -> None:
     st = os.statvfs(root_fd)
-    free = st.f_bavail * st.f_frsize
+    free, need = st.f_bavail * st.f_frsize, disk_bytes(todo, st.f_frsize or 4096)
     if need > free:  # fail before a byte is written, not after filling the disk
-        raise FetchFailed(f"not enough space in {root}: the files need {need} bytes, {free} free")
+        raise FetchFailed(f"not enough space in {root}: the files need {need} bytes on disk, {free} free")
 
 
 async def fetch(
@@ -258,7 +275,7 @@ async def fetch(
         loader.total = sum(w.size for w in wanted)
         await _take_turn(root_fd, folder)
         try:
-            if removed := await in_thread(_sweep, root_fd, folder, {w.parts[:-1] for w in wanted}):
+            if removed := await in_thread(_sweep, root_fd, folder, wanted):
                 log.info("removed what a killed download left", folder=folder, files=removed)
             kept = await all_or_cancel(in_thread(_kept, root_fd, folder, w) for w in wanted)
         except safefs.Refused as exc:
@@ -267,7 +284,7 @@ async def fetch(
             raise FetchFailed(f"cannot read the download folder {folder}: {exc}") from exc
         todo = [w for w, k in zip(wanted, kept, strict=True) if not k]
         loader.advance(loader.total - sum(w.size for w in todo))
-        _check_space(root_fd, folder, sum(w.size for w in todo))
+        _check_space(root_fd, folder, todo)
         await all_or_cancel(loader.one(w) for w in todo)
     finally:
         os.close(root_fd)

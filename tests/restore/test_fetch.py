@@ -14,8 +14,8 @@ import pytest
 from engines import until
 from structlog.testing import capture_logs
 
-from daemon.restore.fetch import TMP_PREFIX, FetchFailed, Wanted, fetch
-from daemon.storage import Storage
+from daemon.restore.fetch import TMP_PREFIX, FetchFailed, Wanted, disk_bytes, fetch
+from daemon.storage import Storage, StorageError
 from daemon.storage.local import LocalStorage
 
 KIND = "unit"  # the `store` tests reach S3 servers and are integration tests (conftest)
@@ -231,3 +231,48 @@ async def test_downloads_into_one_folder_take_turns(tmp_path: Path) -> None:
     finally:
         os.close(holder)
     assert report.downloaded_files == 5 and tree(out) == expected_tree()
+
+
+@pytest.mark.parametrize(
+    "files, block, expected",
+    [
+        ([("a", 1)], 4096, 8192),
+        ([("a", 4097)], 4096, 12288),
+        ([("a", 0)], 4096, 4096),
+        ([("a", 1), ("a", 1), ("b", 1)], 4096, 20480),
+    ],
+)
+def test_disk_bytes_counts_whole_blocks_and_folders(files, block, expected) -> None:
+    todo = [Wanted(f"k{i}", (folder, f"f{i}"), size, None) for i, (folder, size) in enumerate(files)]
+    assert disk_bytes(todo, block) == expected
+
+
+class FailingOne(LocalStorage):
+    """A real file:// store on which one key's GETs fail for good: its siblings are cancelled mid-way."""
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        if key.endswith("/bad.bin"):
+            raise StorageError("get", key, "AccessDenied", "denied", http_status=403, transient=False)
+        return await super().get(key, start, end)
+
+
+async def test_a_failed_download_leaves_no_temporary_file(tmp_path: Path) -> None:
+    async with FailingOne(tmp_path / "store") as store:
+        wants = []
+        for i in range(200):
+            relpath = f"checkpoint-10/f{i:03d}.bin" if i != 20 else "checkpoint-10/bad.bin"
+            await store.put(key(0, relpath), b"x")
+            wants.append(wanted(0, relpath, b"x"))
+        for _ in range(5):  # the cancellation lands anywhere: while files are created, written, renamed
+            with pytest.raises(FetchFailed, match=r"bad\.bin"):
+                await fetch(store, wants, str(tmp_path / "out"), concurrency=16)
+            assert not leftovers(tmp_path / "out")
+
+
+async def test_a_wanted_file_named_like_a_leftover_is_never_swept(tmp_path: Path) -> None:
+    relpath = f"checkpoint-10/{TMP_PREFIX}but-stored"
+    async with LocalStorage(tmp_path / "store") as store:
+        await store.put(key(0, relpath), b"real")
+        want = wanted(0, relpath, b"real")
+        assert (await fetch(store, [want], str(tmp_path / "out"))).downloaded_files == 1
+        assert (await fetch(store, [want], str(tmp_path / "out"))).kept_files == 1
