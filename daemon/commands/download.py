@@ -19,6 +19,7 @@ their SHA-256 against (size checked only).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -136,7 +137,22 @@ async def select(storage: Storage, ref: ArtifactRef, default_project: str, *, on
         if sha256 is None:
             sel.unverified.append(f"rank-{rank}/{layout.checkpoint_of(relpath)}")
     sel.unverified = sorted(set(sel.unverified))
+    await _refuse_damaged(storage, project, ref.job_id, sel.unverified)
     return sel
+
+
+async def _refuse_damaged(storage: Storage, project: str, job_id: str, unverified: list[str]) -> None:
+    """Refused when a checkpoint to be fetched unverified has a manifest after all: one that cannot
+    be read (browse left it out). Its files cannot be checked against it; serving them is refused."""
+    folders = [folder.split("/", 1) for folder in unverified]
+    keys = [layout.manifest_key(project, job_id, int(rank[5:]), name) for rank, name in folders]
+    found = await asyncio.gather(*(storage.head(k) for k in keys))
+    damaged = [f"{rank}/{name}" for (rank, name), info in zip(folders, found, strict=True) if info is not None]
+    if damaged:
+        raise Refused(
+            f"the manifest of {', '.join(damaged)} cannot be read: its files cannot be verified, and are not fetched",
+            exits.FAILED,
+        )
 
 
 def references(c: Config, args: argparse.Namespace) -> list[ArtifactRef]:

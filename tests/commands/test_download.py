@@ -132,6 +132,21 @@ def test_a_file_that_differs_from_its_manifest_fails_and_does_not_land(moto_buck
     assert not (out / "trained/rank-1/checkpoint-10/optimizer.pt").exists()
 
 
+def test_a_checkpoint_whose_manifest_cannot_be_read_is_not_fetched_unverified(moto_bucket, trained_job, tmp_path):
+    job = trained_job(moto_bucket, ranks=1, steps=(10, 20), losses=(0.5, 0.4))
+    manifest = f"{PREFIX}/training_projects/{job.project}/jobs/{job.job_id}/manifests/rank-0/checkpoint-20.json"
+    body = moto_bucket.client.get_object(Bucket=moto_bucket.name, Key=manifest)["Body"].read()
+    moto_bucket.client.put_object(Bucket=moto_bucket.name, Key=manifest, Body=body[:100])  # torn
+    out = tmp_path / "out"
+    r = job.cli("download", "--job", job.job_id, "--path", "rank-0/checkpoint-20/", "--to", str(out))
+    assert r.returncode == 1, r.stderr
+    assert "the manifest of rank-0/checkpoint-20 cannot be read" in r.stderr
+    assert not out.exists() or got(out) == {}
+    r = job.cli("download", "--job", job.job_id, "--path", "rank-0/latest/", "--to", str(out))
+    assert r.returncode == 0, r.stderr  # as restore sees it: checkpoint-20 is not committed, 10 is the latest
+    assert got(out) == expected(job, (0,), "checkpoint-10")
+
+
 def test_what_a_killed_download_leaves_the_next_one_removes(moto_bucket, trained_job, tmp_path: Path) -> None:
     job = trained_job(moto_bucket, ranks=1, steps=(10,), losses=(0.5,))
     out, ask = tmp_path / "out", ["--job", job.job_id, "--path", "rank-0/checkpoint-10/"]
