@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -181,6 +182,27 @@ def _redacting_excepthook(kind: type[BaseException], error: BaseException, tb: T
     sys.stderr.write(logs.redact("".join(traceback.format_exception(kind, error, tb))))
 
 
+def _one_shot(command: Callable[[Config, argparse.Namespace], int], config: Config, args: argparse.Namespace) -> int:
+    """A command that signals only interrupt (not `run` or `watch`, which decide what they mean):
+    SIGTERM does what SIGINT does, so a pod's stop runs the same clean-up (a download removes its
+    temporary files, a prune leaves records the next one finishes), and either ends in one line."""
+    heard: list[int] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        heard.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored (a script's background job): interrupt anyway
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)  # asyncio.Runner's: cancels the main task, which cleans up
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return command(config, args)
+    except KeyboardInterrupt:
+        print(f"ckptd: {args.command} interrupted", file=sys.stderr)
+        return 128 + (heard[0] if heard else signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     sys.excepthook = _redacting_excepthook
     args = build_parser().parse_args(argv)
@@ -199,4 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(logs.get(), level)(event, **fields)
     if config.storage == default_of(SPECS["storage"], os.environ) and args.command in ("run", "watch", "restore"):
         logs.get().warning("using the embedded default store: checkpoints stay on this machine", storage=config.storage)
-    return HANDLERS[args.command](config, args)
+    if args.command in ("run", "watch"):
+        return HANDLERS[args.command](config, args)
+    return _one_shot(HANDLERS[args.command], config, args)

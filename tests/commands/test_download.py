@@ -168,6 +168,34 @@ def test_what_a_killed_download_leaves_the_next_one_removes(moto_bucket, trained
     assert "removed what a killed download left" in r.stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_download_cleans_up_and_says_so_in_one_line(moto_bucket, trained_job, tmp_path: Path, sig) -> None:
+    job = trained_job(moto_bucket, ranks=1, steps=(10,), losses=(0.5,))
+    out = tmp_path / "out"
+    stall = Rule("stall", ops=("GetObject",), key="*/rank-0/checkpoint-10/*", seconds=60)
+    with FaultProxy(int(moto_bucket.server.endpoint_url.rsplit(":", 1)[1]), [stall]) as proxy:
+        through = [proxy.endpoint if a == moto_bucket.server.endpoint_url else a for a in job.storage_args]
+        argv = [sys.executable, "-m", "daemon", "download", *through, "--project", job.project, "--job", job.job_id,
+                "--path", "rank-0/checkpoint-10/", "--to", str(out)]  # fmt: skip
+        stopped = subprocess.Popen(
+            argv,
+            env=job.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, not a script
+        )
+        try:
+            wait_for(lambda: list(out.rglob(f"{TMP_PREFIX}*")), 60, "the download to open its files")
+            stopped.send_signal(sig)
+            _, err = stopped.communicate(timeout=30)
+        finally:
+            stopped.kill()
+    assert stopped.returncode == 128 + sig, err
+    assert err.splitlines()[-1] == "ckptd: download interrupted" and "Traceback" not in err, err
+    assert not list(out.rglob(f"{TMP_PREFIX}*"))
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [
