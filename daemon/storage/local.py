@@ -4,6 +4,13 @@ Objects are plain files at root/KEY, written atomically (see `localfs`). Multipa
 emulated under root/.ckptd-multipart/UPLOAD_ID/ (a meta.json and one file per part) so the upload
 engine has a single code path for both backends. All blocking I/O runs in worker threads.
 
+Only regular files and real folders below the root are objects and prefixes: symbolic links and
+special files (FIFOs, sockets, devices) are never followed or opened, so a link cannot make the
+store read, list or delete something outside it, and a FIFO cannot hang a reader. Listings skip
+them with one warning; get, head and delete treat them as missing, like a key with no file (S3
+has no such things, so "no such object" is the answer every caller already handles). The root
+itself may be a link (an alias of a mount point): the operator chose it.
+
 `presign_get` can only return a file:// URL of the object: there is no server to enforce an
 expiry, so the URL is as good as the reader's file-system permissions.
 """
@@ -14,6 +21,7 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -21,13 +29,16 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
+from daemon import logs
 from daemon.storage import localfs as fs
+from daemon.storage import nofollow
 from daemon.storage.base import Body, Digests, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import body_size
 from daemon.storage.errors import StorageError
 
 T = TypeVar("T")
 MULTIPART_DIR = ".ckptd-multipart"
+_SAMPLE = 5  # skipped names quoted in a listing's warning
 
 
 class LocalStorage(Storage):
@@ -49,19 +60,30 @@ class LocalStorage(Storage):
     async def put(self, key: str, body: Body, digests: Digests | None = None) -> str:
         fs.check_key("put", key)
         expected = (digests or {}).get("md5")
-        return await self._run("put", key, fs.write_atomic, self.root / key, fs.fill_from(body, key, expected))
+        return await self._run("put", key, self._put_sync, key, fs.fill_from(body, key, expected))
+
+    def _put_sync(self, key: str, fill: Callable[[int], str]) -> str:
+        nofollow.refuse_linked_folders(self.root, "put", key)
+        return fs.write_atomic(self.root / key, fill)
 
     async def head(self, key: str) -> ObjectInfo | None:
         fs.check_key("head", key)
         return await self._run("head", key, self._head_sync, key)
 
     def _head_sync(self, key: str) -> ObjectInfo | None:
-        path = self.root / key
         try:
-            st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return fs.object_info(key, path, st) if path.is_file() else None
+            fd = nofollow.open_object(self.root, "head", key)
+        except IsADirectoryError:
+            return None  # a folder is not an object
+        except StorageError as exc:
+            if exc.missing:
+                return None
+            raise
+        try:
+            # The descriptor, not the path, for read_etag's getxattr: the path may be a link by now.
+            return fs.object_info(key, fd, os.fstat(fd))  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         fs.check_key("list", prefix, prefix=True)
@@ -70,21 +92,51 @@ class LocalStorage(Storage):
 
     def _list_sync(self, prefix: str) -> list[ObjectInfo]:
         base = prefix[: prefix.rfind("/") + 1]  # walk only the deepest folder the prefix names
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root / base):
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            rel = "" if rel == "." else rel + "/"
-            dirnames[:] = [d for d in dirnames if self._may_match(rel + d + "/", prefix)]
-            for name in filenames:
-                key = rel + name
-                if name.startswith(fs.RESERVED) or not key.startswith(prefix):
-                    continue
-                path = Path(dirpath, name)
+        found: list[ObjectInfo] = []
+        skipped: list[str] = []
+        with nofollow.folder_fd(self.root, base.rstrip("/")) as fd:
+            if fd is not None:
+                self._walk(fd, base, prefix, found, skipped)
+        self._warn_skipped(prefix, skipped)
+        return sorted(found, key=lambda info: info.key)
+
+    def _walk(self, dir_fd: int, rel: str, prefix: str, found: list[ObjectInfo], skipped: list[str]) -> None:
+        """Collect the objects matching `prefix` below the open folder `rel` ('' or ending in '/').
+
+        lstat only (DirEntry with follow_symlinks=False): a link is reported in `skipped`, never
+        followed, so a link to '/' costs one entry, not a walk of the whole machine.
+        """
+        with os.scandir(dir_fd) as it:
+            entries = list(it)
+        for entry in entries:
+            key = rel + entry.name
+            if entry.name.startswith(fs.RESERVED):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if self._may_match(key + "/", prefix):
+                    with nofollow.subfolder(entry.name, dir_fd) as child:
+                        if child is not None:  # None: removed while we listed
+                            self._walk(child, key + "/", prefix, found, skipped)
+            elif not key.startswith(prefix):
+                continue
+            elif entry.is_file(follow_symlinks=False):
                 try:
-                    found.append(fs.object_info(key, path, path.stat()))
+                    found.append(fs.object_info(key, self.root / key, entry.stat(follow_symlinks=False)))
                 except FileNotFoundError:
                     continue  # deleted while we listed
-        return sorted(found, key=lambda info: info.key)
+            else:
+                skipped.append(key)
+
+    def _warn_skipped(self, prefix: str, skipped: list[str]) -> None:
+        """One warning per listing, so a skipped link is never silent nor floods the log."""
+        if skipped:
+            logs.get(__name__).warning(
+                "skipping links and special files in the store: only regular files are objects",
+                store=self.url,
+                prefix=prefix,
+                count=len(skipped),
+                keys=sorted(skipped)[:_SAMPLE],
+            )
 
     @staticmethod
     def _may_match(folder: str, prefix: str) -> bool:
@@ -97,23 +149,20 @@ class LocalStorage(Storage):
 
     def _list_dirs_sync(self, prefix: str) -> list[str]:
         base, partial = prefix[: prefix.rfind("/") + 1], prefix[prefix.rfind("/") + 1 :]
-        try:
-            entries = list(os.scandir(self.root / base))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(
-            e.name for e in entries if e.is_dir() and e.name.startswith(partial) and not e.name.startswith(fs.RESERVED)
-        )
+        with nofollow.folder_fd(self.root, base.rstrip("/")) as fd:
+            if fd is None:
+                return []
+            with os.scandir(fd) as it:
+                entries = [e for e in it if e.name.startswith(partial) and not e.name.startswith(fs.RESERVED)]
+        self._warn_skipped(prefix, [base + e.name for e in entries if nofollow.is_link_or_special(e)])
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
 
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         fs.check_key("get", key)
         return await self._run("get", key, self._get_sync, key, start, end)
 
     def _get_sync(self, key: str, start: int, end: int | None) -> bytes:
-        try:
-            fd = os.open(self.root / key, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise fs.missing("get", key) from None
+        fd = nofollow.open_object(self.root, "get", key)
         try:
             size = os.fstat(fd).st_size
             if start and start >= size:
@@ -134,15 +183,22 @@ class LocalStorage(Storage):
 
     async def delete(self, key: str) -> None:
         fs.check_key("delete", key)
-        await self._run("delete", key, self._delete_sync, self.root / key)
+        await self._run("delete", key, self._delete_sync, key)
 
-    def _delete_sync(self, path: Path) -> None:
-        try:
-            path.unlink()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return
-        fs.fsync_dir(path.parent)
-        fs.prune_empty_dirs(path.parent, self.root)
+    def _delete_sync(self, key: str) -> None:
+        folder, _, name = key.rpartition("/")
+        with nofollow.folder_fd(self.root, folder) as dir_fd:
+            mode = None if dir_fd is None else nofollow.lstat_mode(name, dir_fd)
+            if mode is None or not stat.S_ISREG(mode):
+                return  # no object: a folder, link or special file is left alone, as listings skip it
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return  # a concurrent delete won
+            # fsync the descriptor, not the path: a concurrent delete of the folder's last other
+            # object may already have pruned it, and the unlink is done either way.
+            os.fsync(dir_fd)
+        nofollow.prune(self.root, folder)
 
     async def presign_get(self, key: str, expires_seconds: int) -> str:
         fs.check_key("presign", key)
@@ -243,6 +299,7 @@ class LocalStorage(Storage):
                 fs.append_file(fd, folder / f"part-{part.number:05d}")
             return fs.multipart_etag(parts)
 
+        nofollow.refuse_linked_folders(self.root, "complete_multipart", key)
         etag = fs.write_atomic(self.root / key, concat)
         shutil.rmtree(folder, ignore_errors=True)
         fs.fsync_dir(self._uploads)
