@@ -138,6 +138,11 @@ def _add_command_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--path", nargs="+", metavar="GLOB", help="with --job: e.g. 'rank-*/checkpoint-10/'")
     elif command == "prune":
         p.add_argument("--all", action="store_true", help="delete the whole job (with --job and --yes)")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="with --all --yes: delete even if a rank's status says RUNNING (only when its daemon is known dead)",
+        )
         p.add_argument("--yes", action="store_true", help="really delete (default: print the plan only)")
 
 

@@ -13,7 +13,11 @@ folder, whose journal says these files are stored, neither commits nor uploads t
 
 A record is finished only while the checkpoint is still the one it recorded: when that rank has
 committed the checkpoint again since (another manifest, another commit time), the record is dropped
-and the new checkpoint left alone.
+and the new checkpoint left alone. Finishing deletes only the files stored no later than the record
+itself: a file stored after it is a re-save of the same name (the trainer saved it again after the
+manifest went), not one the stopped prune was deleting, and it is kept. A record that cannot be read
+says nothing about what it was deleting, so it is dropped and nothing else goes (see
+`resume_action`).
 
 Whole job: a job record (`pruning/job.json`), incomplete multipart uploads aborted, manifests
 deleted, then everything else under the job's prefix, the record last.
@@ -26,7 +30,8 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from daemon import logs
 from daemon.catalog import browse, layout
@@ -72,6 +77,47 @@ class Interrupted:
     rank: int
     checkpoint: str
     committed_at: str | None  # of the manifest it was deleting; None: it had none, or unreadable
+    # When the store wrote the record (its last-modified, the store's clock like every file's);
+    # None: the record is unreadable (damaged, not an object), so it vouches for nothing.
+    written_at: datetime | None = None
+
+
+FINISH, DROP = "finish", "drop"
+Action = Literal["finish", "drop"]
+
+
+def resume_action(readable: bool, committed_now: str | None, recorded: str | None) -> Action:
+    """What to do with an interrupted prune's record: finish it, or drop only the record.
+
+    `committed_now`: the rank's manifest of the checkpoint now (its committed_at; None: none).
+    `recorded`: the committed_at the record holds (None: the checkpoint had no manifest).
+
+    | record readable | manifest now      | action | why                                          |
+    |-----------------|-------------------|--------|----------------------------------------------|
+    | no              | any               | drop   | it vouches for nothing: delete nothing       |
+    | yes             | none              | finish | (files stored after the record are kept)     |
+    | yes             | == recorded       | finish | the prune stopped before withdrawing it      |
+    | yes             | != recorded       | drop   | committed again since: a new checkpoint      |
+    """
+    if not readable:
+        return DROP
+    if committed_now is None or committed_now == recorded:
+        return FINISH
+    return DROP
+
+
+def was_being_deleted(file_modified: datetime, record_written: datetime) -> bool:
+    """Whether a stored file is one an interrupted prune was deleting: stored no later than its
+    record. Equal times count as older: S3 stamps whole seconds, and the checkpoint a prune was
+    deleting was stored before its record, often within the same second in tests and small jobs.
+
+    | file stored          | being deleted |
+    |----------------------|---------------|
+    | before the record    | yes           |
+    | same stamp           | yes           |
+    | after the record     | no (a re-save)|
+    """
+    return file_modified <= record_written
 
 
 @dataclass
@@ -97,16 +143,49 @@ class Pruner:
     async def _retry(self, call: Any) -> Any:
         return await retrying(call, deadline=self.deadline, counter=None, context={"job_id": self.job_id})
 
-    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> Freed:
-        """Delete `checkpoint` on every rank of `committed` (rank -> its manifest's committed_at)."""
+    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> Freed | None:
+        """Delete `checkpoint` on every rank of `committed` (rank -> its manifest's committed_at, as
+        surveyed). None, deleting nothing, when a rank committed it again since the survey."""
         ranks = sorted(committed)
         for rank in ranks:
             record = {"checkpoint": checkpoint, "rank": rank, "committed_at": committed[rank], "started_at": utc_now()}
             key = record_key(self.project, self.job_id, rank, checkpoint)
             await self._retry(lambda key=key, record=record: self.storage.put(key, json_bytes(record)))
+        # Checked after the records are written: a commit landing after this check meets a record
+        # whose committed_at differs, so the next prune drops that record rather than finishing it.
+        for rank in ranks:
+            now = await self._committed_at(rank, checkpoint)
+            if now is not None and now != committed[rank]:
+                log.warning(
+                    "checkpoint not pruned: it was committed again since the survey",
+                    checkpoint=checkpoint,
+                    rank=rank,
+                )
+                await self._drop(ranks, checkpoint)
+                return None
         return await self._finish(checkpoint, ranks)
 
-    async def _finish(self, checkpoint: str, ranks: list[int]) -> Freed:
+    async def _committed_at(self, rank: int, checkpoint: str) -> str | None:
+        """The committed_at of the rank's manifest now; None when it has none (or a damaged one)."""
+        key = layout.manifest_key(self.project, self.job_id, rank, checkpoint)
+        try:
+            manifest = await self._retry(lambda: read_manifest(self.storage, key))
+        except StorageError as e:
+            if not e.missing:
+                raise
+            return None
+        except ValueError:
+            return None
+        stamp = manifest.get("committed_at")
+        return stamp if isinstance(stamp, str) else None
+
+    async def _drop(self, ranks: Iterable[int], checkpoint: str) -> None:
+        for rank in ranks:
+            key = record_key(self.project, self.job_id, rank, checkpoint)
+            await self._retry(lambda key=key: self.storage.delete(key))
+
+    async def _finish(self, checkpoint: str, ranks: list[int], written_at: datetime | None = None) -> Freed:
+        """`written_at`: only files stored no later than this go (finishing an interrupted prune)."""
         for rank in ranks:  # first: from here on no reader takes it for a committed checkpoint
             key = layout.manifest_key(self.project, self.job_id, rank, checkpoint)
             await self._bury(rank, checkpoint, key)
@@ -114,11 +193,12 @@ class Pruner:
         freed = Freed(checkpoint, ranks)
         for rank in ranks:
             prefix = f"{layout.rank_prefix(self.project, self.job_id, rank)}{checkpoint}/"
-            files, size = await self._delete_all(self.storage.list(prefix))
+            listing = self.storage.list(prefix)
+            if written_at is not None:
+                listing = _older(listing, written_at)
+            files, size = await self._delete_all(listing)
             freed.files, freed.bytes = freed.files + files, freed.bytes + size
-        for rank in ranks:
-            key = record_key(self.project, self.job_id, rank, checkpoint)
-            await self._retry(lambda key=key: self.storage.delete(key))
+        await self._drop(ranks, checkpoint)
         return freed
 
     async def _bury(self, rank: int, checkpoint: str, manifest_key: str) -> None:
@@ -142,32 +222,30 @@ class Pruner:
         """The pruning records in the store (of `ranks` only, if given), by rank and name."""
         wanted = None if ranks is None else set(ranks)
         prefix = records_prefix(self.project, self.job_id)
-        found: list[tuple[int, str, str]] = []
+        found: list[tuple[int, str, ObjectInfo]] = []
         async for info in self.storage.list(prefix):
             m = _RECORD.fullmatch(info.key[len(prefix) :])
             if m and layout.is_segment(m.group(2)) and (wanted is None or int(m.group(1)) in wanted):
-                found.append((int(m.group(1)), m.group(2), info.key))
-        records = await asyncio.gather(*(read_object(self.storage, key) for _, _, key in found))
+                found.append((int(m.group(1)), m.group(2), info))
+        records = await asyncio.gather(*(read_object(self.storage, info.key) for _, _, info in found))
         out = []
-        for (rank, checkpoint, _), record in zip(found, records, strict=True):
+        for (rank, checkpoint, info), record in zip(found, records, strict=True):
             stamp = record.get("committed_at") if record is not None else None
-            out.append(Interrupted(rank, checkpoint, stamp if isinstance(stamp, str) else None))
+            written = info.last_modified if record is not None else None
+            out.append(Interrupted(rank, checkpoint, stamp if isinstance(stamp, str) else None, written))
         return sorted(out, key=lambda i: (i.rank, i.checkpoint))
 
     async def resume(self, record: Interrupted, committed_at: str | None) -> Freed | None:
         """Finish an interrupted prune, given the rank's manifest of the checkpoint now (its
-        committed_at, None when it has none). None when it was committed again since: then only
-        the record goes."""
-        if committed_at is not None and committed_at != record.committed_at:
-            log.warning(
-                "interrupted prune not finished: the checkpoint was committed again since",
-                checkpoint=record.checkpoint,
-                rank=record.rank,
+        committed_at, None when it has none); see `resume_action`. None when only the record goes."""
+        if resume_action(record.written_at is not None, committed_at, record.committed_at) == DROP:
+            why = (
+                "its record is unreadable" if record.written_at is None else "the checkpoint was committed again since"
             )
-            key = record_key(self.project, self.job_id, record.rank, record.checkpoint)
-            await self._retry(lambda: self.storage.delete(key))
+            log.warning(f"interrupted prune not finished: {why}", checkpoint=record.checkpoint, rank=record.rank)
+            await self._drop([record.rank], record.checkpoint)
             return None
-        return await self._finish(record.checkpoint, [record.rank])
+        return await self._finish(record.checkpoint, [record.rank], record.written_at)
 
     async def delete_job(self) -> Freed:
         """Delete everything of the job: uploads in progress, manifests first, then the rest."""
@@ -223,6 +301,14 @@ class Pruner:
         return done[0], done[1]
 
 
+async def _older(listing: AsyncIterator[ObjectInfo], written_at: datetime) -> AsyncIterator[ObjectInfo]:
+    """The listed objects an interrupted prune was deleting (see `was_being_deleted`)."""
+    async with contextlib.aclosing(listing):  # type: ignore[type-var]  # every backend's is a generator
+        async for info in listing:
+            if was_being_deleted(info.last_modified, written_at):
+                yield info
+
+
 @dataclass
 class Survey:
     """What a prune decides on: the job's committed checkpoints (less the ranks an interrupted
@@ -233,6 +319,11 @@ class Survey:
     stored_ranks: dict[str, set[int]]
     interrupted: list[tuple[Interrupted, str | None]]
     being_deleted: bool  # a whole-job delete was interrupted
+    # (rank, checkpoint) of each interrupted prune -> the bytes finishing it deletes (0 when dropped)
+    interrupted_bytes: dict[tuple[int, str], int] = field(default_factory=dict)
+
+    def action(self, record: Interrupted, committed_now: str | None) -> Action:
+        return resume_action(record.written_at is not None, committed_now, record.committed_at)
 
 
 async def survey(storage: Storage, project: str, job_id: str, ranks: Iterable[int] | None = None) -> Survey:
@@ -254,7 +345,14 @@ async def survey(storage: Storage, project: str, job_id: str, ranks: Iterable[in
         if now is not None and now == record.committed_at:  # being deleted: not committed any more
             del by_name[record.checkpoint][record.rank]
     checkpoints = [Checkpoint(name, manifests) for name, manifests in sorted(by_name.items()) if manifests]
-    return Survey(checkpoints, stored, interrupted, job_record is not None)
+    found_survey = Survey(checkpoints, stored, interrupted, job_record is not None)
+    for record, now in interrupted:  # what finishing them deletes, counted as `resume` selects it
+        size = 0
+        if found_survey.action(record, now) == FINISH and record.written_at is not None:
+            prefix = f"{layout.rank_prefix(project, job_id, record.rank)}{record.checkpoint}/"
+            size = sum([info.size async for info in _older(storage.list(prefix), record.written_at)])
+        found_survey.interrupted_bytes[record.rank, record.checkpoint] = size
+    return found_survey
 
 
 async def stored_ranks(
@@ -292,10 +390,14 @@ async def execute(
         if decision.delete and decision.checkpoint is not None:
             committed = {rank: m["committed_at"] for rank, m in decision.checkpoint.manifests.items()}
             result = await pruner.prune(decision.name, committed)
-            freed.append(result)
-            done(result, decision)
+            if result is not None:  # None: committed again since the survey, left alone
+                freed.append(result)
+                done(result, decision)
     return freed
 
 
-def describe_record(record: Interrupted) -> dict[str, Any]:
-    return {"checkpoint": record.checkpoint, "rank": record.rank, "committed_at": record.committed_at}
+def describe_record(record: Interrupted, action: Action | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"checkpoint": record.checkpoint, "rank": record.rank, "committed_at": record.committed_at}
+    if action is not None:
+        out["action"] = action
+    return out

@@ -2,14 +2,16 @@
 
 Prints the plan and deletes nothing unless --yes. Exit codes: 0 done (or nothing to delete),
 5 (exits.PLANNED) the plan would delete something and --yes was not given, 1 an unknown job, a
-missing metric or a store error, 2 contradictory or missing flags.
+missing metric, a store error or --all on a job still running (without --force), 2 contradictory
+or missing flags, 130 interrupted (Ctrl-C): the next prune finishes what it left.
 
 --json prints one object:
     project, job_id, rules {keep_last, keep_best, metric, mode, keep_every_steps}, dry_run,
     checkpoints: [{checkpoint, step, metric (the value of rules.metric, or null), bytes, files,
                    ranks, committed_at, action ("keep" | "delete"), reasons, uncommitted_ranks}],
-    interrupted: [{checkpoint, rank, committed_at}]  (earlier prunes that did not finish),
-    to_delete, bytes_to_free,
+    interrupted: [{checkpoint, rank, committed_at, action ("finish" | "drop"), bytes}]
+        (earlier prunes that did not finish; "drop": only the record goes),
+    to_delete, bytes_to_free (the interrupted prunes' bytes included),
     and with --yes: deleted: [{checkpoint, ranks, files, bytes, interrupted}], bytes_freed.
 With --all: project, job_id, all, dry_run, files, bytes, and with --yes deleted_files, bytes_freed.
 Reasons a checkpoint is kept: root, in_progress, uncommitted, latest, keep_last, keep_best,
@@ -19,10 +21,13 @@ keep_every_steps (see daemon.catalog.retention).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from daemon import exits
-from daemon.catalog import browse, layout, prune, retention
+from daemon.catalog import browse, jobmeta, layout, prune, retention
 from daemon.catalog.manifest import parse_step
 from daemon.commands import show
 from daemon.config import Config
@@ -30,27 +35,60 @@ from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline
 
 RETRY_SECONDS = 120.0  # how long transient store errors are retried before the prune stops
+RULES = ("keep_last", "keep_best", "metric", "mode", "keep_every_steps")
+INTERRUPTED = "interrupted: run ckptd prune again to finish"
+
+Source = Literal["flag", "setting", "default"]
 
 
-def rules_of(c: Config) -> retention.Rules:
-    return retention.Rules(
-        keep_last=c.keep_last,
-        keep_best=c.keep_best,
-        metric=c.metric,
-        mode=c.mode,
-        keep_every_steps=c.keep_every_steps,
-    )
+def rule_used(source: Source, name: str, whole_job: bool, keep_best_given: bool) -> bool:
+    """Whether a retention setting from `source` (a command-line flag; the environment or a config
+    file; its default) takes part in this prune. Settings from the environment or a config file are
+    standing defaults for every prune, so they must not turn an unrelated run into an error: --all
+    ignores them, and a metric (or mode) set there means nothing without --keep-best.
+
+    | source  | name          | --all | keep_best given | used                            |
+    |---------|---------------|-------|-----------------|---------------------------------|
+    | default | any           | any   | any             | yes (None, or mode "min")       |
+    | flag    | any           | any   | any             | yes (--all with it is refused)  |
+    | setting | any           | yes   | any             | no                              |
+    | setting | metric, mode  | no    | no              | no                              |
+    | setting | metric, mode  | no    | yes             | yes                             |
+    | setting | other rules   | no    | any             | yes                             |
+    """
+    if source != "setting":
+        return True
+    if whole_job:
+        return False
+    return keep_best_given or name not in ("metric", "mode")
+
+
+def rules_of(c: Config, flags: Mapping[str, object] | None = None, *, whole_job: bool = False) -> retention.Rules:
+    """The rules of this prune; `flags`: the retention values given on the command line (None:
+    every explicit setting counts as given there)."""
+
+    def source(name: str) -> Source:
+        if flags is not None and flags.get(name) is not None:
+            return "flag"
+        if name not in c.explicit:
+            return "default"
+        return "flag" if flags is None else "setting"
+
+    keep_best_given = c.keep_best is not None and rule_used(source("keep_best"), "keep_best", whole_job, True)
+    values = {name: getattr(c, name) for name in RULES if rule_used(source(name), name, whole_job, keep_best_given)}
+    return retention.Rules(**values)  # type: ignore[arg-type]  # each field as Config holds it
 
 
 def main(c: Config, args: argparse.Namespace) -> int:
+    flags = {name: getattr(args, name, None) for name in RULES}
     try:
-        rules = rules_of(c)
+        rules = rules_of(c, flags, whole_job=args.all)
     except ValueError as e:
         return show.fail(str(e), exits.CONFIG)
     if "job_id" not in c.explicit:
         what = "--all needs --job J: which job to delete?" if args.all else "prune needs --job J: which job?"
         return show.fail(what, exits.CONFIG)
-    if args.all and not rules.empty:
+    if args.all and any(v is not None for v in flags.values()):
         return show.fail("--all deletes the whole job: it takes no --keep-* rule", exits.CONFIG)
     if not args.all and rules.empty:
         return show.fail(str(retention.NoRules()) + ", or --all to delete the whole job", exits.CONFIG)
@@ -72,7 +110,12 @@ def main(c: Config, args: argparse.Namespace) -> int:
             except StorageError as e:
                 return show.fail(f"prune of job {c.job_id!r} stopped: {e}; run it again to finish")
 
-    return uvloop.run(go())
+    try:
+        return uvloop.run(go())
+    except KeyboardInterrupt:
+        # Whatever it stopped, its records say; the report would read as finished, so none.
+        print(INTERRUPTED, file=sys.stderr)
+        return exits.signalled(signal.SIGINT)
 
 
 async def _by_rules(storage: Storage, project: str, job_id: str, rules: retention.Rules, args: Any) -> int:
@@ -100,11 +143,17 @@ async def _by_rules(storage: Storage, project: str, job_id: str, rules: retentio
     pruner = prune.Pruner(storage, project, job_id, deadline=_deadline())
     try:
         await prune.execute(pruner, found, decisions, done)
-    finally:  # what was deleted before a failure is reported too
-        report["deleted"] = deleted
-        report["bytes_freed"] = sum(d["bytes"] for d in deleted)
-        _print(report, rules, args.json)
+    except StorageError:  # what was deleted before a failure is reported too; not on a cancel
+        _finished(report, deleted, rules, args.json)
+        raise
+    _finished(report, deleted, rules, args.json)
     return exits.OK
+
+
+def _finished(report: dict[str, Any], deleted: list[dict[str, Any]], rules: retention.Rules, as_json: bool) -> None:
+    report["deleted"] = deleted
+    report["bytes_freed"] = sum(d["bytes"] for d in deleted)
+    _print(report, rules, as_json)
 
 
 def _deadline() -> Deadline:
@@ -122,15 +171,20 @@ def _report(
 ) -> dict[str, Any]:
     rows = [_row(d, rules) for d in decisions]
     deleting = [r for r in rows if r["action"] == "delete"]
+    interrupted = [
+        prune.describe_record(record, found.action(record, now))
+        | {"bytes": found.interrupted_bytes.get((record.rank, record.checkpoint), 0)}
+        for record, now in found.interrupted
+    ]
     return {
         "project": project,
         "job_id": job_id,
         "rules": rules.describe(),
         "dry_run": dry_run,
         "checkpoints": rows,
-        "interrupted": [prune.describe_record(record) for record, _ in found.interrupted],
+        "interrupted": interrupted,
         "to_delete": len(deleting),
-        "bytes_to_free": sum(r["bytes"] or 0 for r in deleting),
+        "bytes_to_free": sum(r["bytes"] or 0 for r in deleting) + sum(i["bytes"] for i in interrupted),
     }
 
 
@@ -163,7 +217,8 @@ def _print(report: dict[str, Any], rules: retention.Rules, as_json: bool) -> Non
     columns += [("size", "SIZE"), ("action", "ACTION"), ("why", "WHY")]
     show.print_table(rows, columns, title=f"prune plan for job {report['job_id']} ({report['project']})")
     for record in report["interrupted"]:
-        print(f"interrupted prune of {record['checkpoint']} on rank {record['rank']}: finished with --yes")
+        what = "finished with --yes" if record["action"] == prune.FINISH else "only its record goes with --yes"
+        print(f"interrupted prune of {record['checkpoint']} on rank {record['rank']}: {what}")
     if "deleted" not in report:
         free = show.human_bytes(report["bytes_to_free"])
         print(f"would delete {report['to_delete']} checkpoint(s), {free}; nothing deleted without --yes")
@@ -175,7 +230,36 @@ def _print(report: dict[str, Any], rules: retention.Rules, as_json: bool) -> Non
     print(f"freed {show.human_bytes(report['bytes_freed'])} ({report['bytes_freed']} bytes)")
 
 
+def live_ranks(statuses: list[dict[str, Any]]) -> list[int]:
+    """The ranks whose status says their `ckptd run` is still going (and so still uploading and
+    committing: deleting under it leaves committed checkpoints with files missing).
+
+    | rank status | live |
+    |-------------|------|
+    | RUNNING     | yes  |
+    | COMPLETED   | no   |
+    | FAILED      | no   |
+    | STOPPED     | no   |
+    """
+    return sorted(s["rank"] for s in statuses if s["status"] == jobmeta.RUNNING)
+
+
+async def _statuses(storage: Storage, project: str, job_id: str) -> list[dict[str, Any]]:
+    try:
+        return (await jobmeta.read_job(storage, project, job_id))["ranks"]
+    except jobmeta.JobNotFound:  # no metadata at all: nothing says it runs
+        return []
+
+
 async def _whole_job(storage: Storage, project: str, job_id: str, args: Any) -> int:
+    if args.yes and not args.force:
+        live = live_ranks(await _statuses(storage, project, job_id))
+        if live:
+            ranks = ",".join(map(str, live))
+            return show.fail(
+                f"job {job_id!r} is still running (rank {ranks}): its daemon would go on storing checkpoints; "
+                "stop it first, or add --force when the daemon is known dead"
+            )
     report: dict[str, Any] = {"project": project, "job_id": job_id, "all": True, "dry_run": not args.yes}
     files = size = 0
     async for info in storage.list(layout.job_prefix(project, job_id)):

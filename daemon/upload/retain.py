@@ -142,7 +142,7 @@ class _Guarded(prune.Pruner):
         super().__init__(storage, project, job_id, deadline=deadline)
         self.lock, self.gone = lock, gone
 
-    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> prune.Freed:
+    async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> prune.Freed | None:
         return await self._guarded(checkpoint, lambda: super(_Guarded, self).prune(checkpoint, committed))
 
     async def resume(self, record: prune.Interrupted, committed_at: str | None) -> prune.Freed | None:

@@ -215,7 +215,8 @@ async def test_delete_job_leaves_nothing_under_its_prefix(store):
     for rank in (0, 1):
         await save(store, rank, "checkpoint-1")
         await save(store, rank, "checkpoint-2")
-    await pruner(store).prune("checkpoint-2", {0: None, 1: None})  # leaves tombstones
+    found = browse.checkpoint_named(await browse.checkpoints(store, P, J), "checkpoint-2")
+    await pruner(store).prune("checkpoint-2", {r: m["committed_at"] for r, m in found.manifests.items()})  # tombstones
     assert len(await keys(store, "pruned/")) == 2
     await store.put(layout.job_metadata_key(P, J), b"{}")
     upload = await store.create_multipart(layout.file_key(P, J, 0, "checkpoint-9/big.bin"))

@@ -135,10 +135,21 @@ def test_a_checkpoint_uncommitted_on_a_rank_is_kept_and_an_interrupted_prune_is_
     record = f"{PREFIX}/training_projects/proj/jobs/trained/pruning/rank-1/checkpoint-10.json"
     client.put_object(Bucket=bucket, Key=record, Body=json.dumps({"checkpoint": "checkpoint-10", "rank": 1}).encode())
     code, plan, err = prune(job, "--keep-last", "1", "--json")
-    assert code == 5 and plan["interrupted"] == [{"checkpoint": "checkpoint-10", "rank": 1, "committed_at": None}]
+    rank1 = sum(listing(job, "rank-1/checkpoint-10/").values())  # stored before the record
+    assert code == 5 and plan["interrupted"] == [
+        {
+            "checkpoint": "checkpoint-10",
+            "rank": 1,
+            "committed_at": None,
+            "action": "finish",
+            "bytes": rank1,
+        }
+    ]
+    assert plan["bytes_to_free"] == rank1  # nothing else to delete: counted as --yes frees it
     code, done, err = prune(job, "--keep-last", "1", "--yes", "--json")
     assert code == 0, err
     assert [(d["checkpoint"], d["ranks"], d["interrupted"]) for d in done["deleted"]] == [("checkpoint-10", [1], True)]
+    assert done["bytes_freed"] == plan["bytes_to_free"]
     assert checkpoints_stored(job, 1) == {".", "checkpoint-40"}
     assert checkpoints_stored(job, 0) == {".", "checkpoint-10", "checkpoint-40"}  # committed there, and latest-1
     assert not listing(job, "pruning/")
