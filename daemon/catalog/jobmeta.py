@@ -147,29 +147,88 @@ async def read_job(storage: Storage, project: str, job_id: str) -> dict[str, Any
     job, *found = await asyncio.gather(
         read_job_record(storage, project, job_id), *(read_object(storage, k) for k in keys)
     )
-    checked = (s for (key, rank), s in zip(keys.items(), found, strict=True) if _valid_status(key, rank, s))
-    ranks = sorted(checked, key=lambda s: s["rank"])
+    checked = (checked_status(key, rank, s) for (key, rank), s in zip(keys.items(), found, strict=True))
+    ranks = sorted((s for s in checked if s is not None), key=lambda s: s["rank"])
     if job is None and not ranks:
         raise JobNotFound(project, job_id)
     job = job or {}
-    group_size = job.get("group_size") if isinstance(job.get("group_size"), int) else None
+    group_size = job.get("group_size") if _count(job.get("group_size")) else None
     current, synced = derive_status(ranks, group_size)
     return {
         "project": project,
         "job_id": job_id,
-        "created_at": job.get("created_at"),
+        "created_at": job.get("created_at") if isinstance(job.get("created_at"), str) else None,
         "group_size": group_size,
         "current_status": current,
         "checkpoint_sync_status": synced,
-        "updated_at": max((s["updated_at"] for s in ranks if isinstance(s.get("updated_at"), str)), default=None),
+        "updated_at": max((s["updated_at"] for s in ranks if s["updated_at"] is not None), default=None),
         "ranks": ranks,
     }
 
 
-def _valid_status(key: str, rank: int, status: dict[str, Any] | None) -> bool:
+def _int(value: Any) -> bool:
+    """A JSON integer: bool is an int in Python, but `"rank": false` is not rank 0."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return _int(value) and value > 0
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+# Fields a reader may use as typed, each with its check; a wrong-typed one is dropped (its
+# neutral value instead) so that one bad field does not hide the rest of the rank's report.
+_FIELDS: dict[str, tuple[Any, Any]] = {  # name: (check, value when missing or wrong)
+    "exit_code": (_optional(_int), None),
+    "hostname": (_optional(lambda v: isinstance(v, str)), None),
+    "updated_at": (_optional(lambda v: isinstance(v, str)), None),
+    "last_commit": (_optional(lambda v: isinstance(v, dict)), None),
+    "uncommitted": (_names, []),
+    "pending_files": (_optional(lambda v: _int(v) and v >= 0), None),
+    "failed_files": (_optional(lambda v: _int(v) and v >= 0), None),
+}
+
+
+def checked_status(key: str, rank: int, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rank's status object with every field of the contract typed, or None when unusable.
+
+    Checked once here so readers need not: a status whose rank (an int, not a bool, and the one
+    its name says), status or sync_status is wrong is skipped; any other wrong-typed field is
+    replaced by its neutral value (`uncommitted` by []), with a warning either way.
+
+    | rank in the object | status / sync_status | uncommitted    | result                         |
+    |--------------------|----------------------|----------------|--------------------------------|
+    | the file's rank    | contract values      | list of str    | kept as stored                 |
+    | false, 0.0, "0"    | any                  | any            | None (skipped)                 |
+    | the file's rank    | outside the contract | any            | None (skipped)                 |
+    | the file's rank    | contract values      | 5, "abc", [1]  | kept, uncommitted []           |
+    """
     if status is None:
-        return False
-    ok = status.get("rank") == rank and status.get("status") in STATUSES and status.get("sync_status") in SYNC_STATUSES
-    if not ok:
-        logs.get(__name__).warning("skipping malformed rank status", key=key)
-    return ok
+        return None
+    log = logs.get(__name__)
+    core = (
+        _int(status.get("rank"))
+        and status["rank"] == rank
+        and isinstance(status.get("status"), str)
+        and status["status"] in STATUSES
+        and isinstance(status.get("sync_status"), str)
+        and status["sync_status"] in SYNC_STATUSES
+    )
+    if not core:
+        log.warning("skipping malformed rank status", key=key)
+        return None
+    out = dict(status)
+    for name, (check, neutral) in _FIELDS.items():
+        if name not in out:
+            out[name] = neutral
+        elif not check(out[name]):
+            log.warning("ignoring a wrong-typed field of a rank status", key=key, field=name)
+            out[name] = neutral
+    return out

@@ -238,8 +238,8 @@ def main(c: Config, args: argparse.Namespace) -> int:
         [{**r, "paths": " ".join(r["paths"]), "bytes": show.human_bytes(r["bytes"])} for r in out["references"]],
         [("job_id", "job"), ("project", "project"), ("paths", "paths"), ("files", "files"), ("bytes", "size")],
     )
-    print(
+    show.write_out(
         f"{out['files']} files ({show.human_bytes(out['bytes'])}) in {out['folder']}: "
-        f"{out['downloaded_files']} downloaded, {out['kept_files']} already there, {out['seconds']} s"
+        f"{out['downloaded_files']} downloaded, {out['kept_files']} already there, {out['seconds']} s\n"
     )
     return exits.OK

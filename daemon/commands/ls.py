@@ -7,7 +7,8 @@
 
 Without --project the job is looked for in every project (browse.project_of); --checkpoint
 without --job takes the most recent job of the project (named on stderr). `--sort FIELD` orders
-by any field below (or, for checkpoints, any metric), ascending, rows without it last;
+by any field below (or, for checkpoints, any metric: one named like a field, e.g. `step`, is the
+table column and sort field `metric:step`), ascending, rows without it last;
 `--reverse` flips the order; `--limit N` keeps the first N rows.
 
 `--json` prints one object per level (sizes in bytes, times ISO 8601 UTC):
@@ -147,7 +148,7 @@ async def _uncommitted_by_status(storage: Storage, project: str, job_id: str) ->
     except jobmeta.JobNotFound:
         return {}
     return {
-        s["rank"]: [n for n in s.get("uncommitted") or [] if n == layout.ROOT_CHECKPOINT or layout.is_segment(n)]
+        s["rank"]: [n for n in s["uncommitted"] if n == layout.ROOT_CHECKPOINT or layout.is_segment(n)]
         for s in job["ranks"]
     }
 
@@ -262,12 +263,29 @@ async def gather(c: Config, args: argparse.Namespace, storage: Storage, level: s
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
-    return row[name] if name in row else row.get("metrics", {}).get(name)
+    return row[name] if name in row else row.get("metrics", {}).get(name.removeprefix(METRIC_PREFIX))
+
+
+# The fields of a checkpoint row (see _checkpoint_row), which no metric may shadow in the table.
+_ROW_FIELDS = frozenset(
+    ["name", "step", "size", "files", "ranks", "committed_at", "committed", "uncommitted_ranks", "metrics"]
+)
+METRIC_PREFIX = "metric:"
+
+
+def metric_column(name: str) -> str:
+    """The table column of a metric: its name, or "metric:NAME" when a row field has that name.
+
+    A metric called `step` or `name` (trainers log what they like) must not replace the real
+    column, and skipping it would hide data, so it gets a prefixed column instead. Only the
+    table needs this: --json keeps metrics under "metrics", apart from the row's fields.
+    """
+    return f"{METRIC_PREFIX}{name}" if name in _ROW_FIELDS else name
 
 
 def _display(row: dict[str, Any]) -> dict[str, Any]:
     """A row as a person reads it: sizes in KiB/MiB, ranks as "0,1", metrics as columns."""
-    out = {**row, **row.get("metrics", {})}
+    out = {**{metric_column(m): v for m, v in row.get("metrics", {}).items()}, **row}
     out["size"] = show.human_bytes(row.get("size"))
     if isinstance(row.get("ranks"), list):
         out["ranks"] = ",".join(map(str, row["ranks"]))
@@ -301,7 +319,8 @@ def main(c: Config, args: argparse.Namespace) -> int:
     except StorageError as e:
         return show.fail(f"listing {c.storage} failed: {e}")
     metrics = sorted({m for row in doc[key] for m in row.get("metrics", {})})
-    accepted = [k for k, _ in columns] + (["uncommitted_ranks"] if level == "checkpoints" else []) + metrics
+    metric_names = [metric_column(m) for m in metrics]
+    accepted = [k for k, _ in columns] + (["uncommitted_ranks"] if level == "checkpoints" else []) + metric_names
     try:
         rows = show.sort_rows(doc[key], args.sort, accepted, reverse=args.reverse, value=_field)
     except show.UnknownField as e:
@@ -310,7 +329,8 @@ def main(c: Config, args: argparse.Namespace) -> int:
     if args.json:
         show.print_json(doc)
     else:
-        show.print_table([_display(r) for r in doc[key]], columns + [(m, m) for m in metrics], title=_title(doc))
+        metric_columns = [(m, m) for m in metric_names]
+        show.print_table([_display(r) for r in doc[key]], columns + metric_columns, title=_title(doc))
     return exits.OK
 
 

@@ -218,16 +218,16 @@ def _print(report: dict[str, Any], rules: retention.Rules, as_json: bool) -> Non
     show.print_table(rows, columns, title=f"prune plan for job {report['job_id']} ({report['project']})")
     for record in report["interrupted"]:
         what = "finished with --yes" if record["action"] == prune.FINISH else "only its record goes with --yes"
-        print(f"interrupted prune of {record['checkpoint']} on rank {record['rank']}: {what}")
+        show.write_out(f"interrupted prune of {record['checkpoint']} on rank {record['rank']}: {what}\n")
     if "deleted" not in report:
         free = show.human_bytes(report["bytes_to_free"])
-        print(f"would delete {report['to_delete']} checkpoint(s), {free}; nothing deleted without --yes")
+        show.write_out(f"would delete {report['to_delete']} checkpoint(s), {free}; nothing deleted without --yes\n")
         return
     for d in report["deleted"]:
         what = "finished interrupted prune of" if d["interrupted"] else "deleted"
         ranks = ",".join(map(str, d["ranks"]))
-        print(f"{what} {d['checkpoint']} (rank {ranks}): {d['files']} files, {show.human_bytes(d['bytes'])}")
-    print(f"freed {show.human_bytes(report['bytes_freed'])} ({report['bytes_freed']} bytes)")
+        show.write_out(f"{what} {d['checkpoint']} (rank {ranks}): {d['files']} files, {show.human_bytes(d['bytes'])}\n")
+    show.write_out(f"freed {show.human_bytes(report['bytes_freed'])} ({report['bytes_freed']} bytes)\n")
 
 
 def live_ranks(statuses: list[dict[str, Any]]) -> list[int]:
@@ -271,10 +271,10 @@ async def _whole_job(storage: Storage, project: str, job_id: str, args: Any) -> 
     if args.json:
         show.print_json(report)
     elif args.yes:
-        print(f"deleted job {job_id} ({project}): {freed.files} objects, {show.human_bytes(freed.bytes)}")
+        show.write_out(f"deleted job {job_id} ({project}): {freed.files} objects, {show.human_bytes(freed.bytes)}\n")
     else:
         total = f"{files} objects, {show.human_bytes(size)}"
-        print(f"would delete job {job_id} ({project}): {total}; nothing deleted without --yes")
+        show.write_out(f"would delete job {job_id} ({project}): {total}; nothing deleted without --yes\n")
     if not args.yes:
         return exits.PLANNED if files else exits.OK
     return exits.OK

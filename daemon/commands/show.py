@@ -7,7 +7,11 @@ A terminal gets a `rich` table; a pipe gets plain aligned columns that `grep` an
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import select
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,7 +21,40 @@ from daemon import exits, logs
 Column = tuple[str, str]  # (key in each row, header)
 
 
+# A reader that went away (`ckptd ls | head -1`) ends us as SIGPIPE ends `cat` or `ls`: quietly,
+# with the shell's 128+13, which `set -o pipefail` scripts already know to expect from a pipe.
+CLOSED_PIPE = exits.signalled(signal.SIGPIPE)
+
+
 def write_out(text: str) -> None:
+    """All of `text` on stdout, or exit: quietly when the reader has gone, with a one-line error
+    when stdout cannot take it (a full disk), never with a traceback.
+
+    SystemExit rather than an exception for callers to catch: every command writes through here.
+    """
+    try:
+        _write_all(text)
+    except BrokenPipeError:
+        _drop_stdout()
+        raise SystemExit(CLOSED_PIPE) from None
+    except OSError as e:
+        _drop_stdout()
+        fail(f"cannot write stdout: {e.strerror or e}")
+        raise SystemExit(exits.FAILED) from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on what is still
+    buffered and print "Exception ignored" (Python's documented pattern for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a replaced stdout has no file to point
+        pass
+
+
+def _write_all(text: str) -> None:
     """All of `text` on stdout, however short the writes the pipe accepts.
 
     With PYTHONUNBUFFERED=1 (set in many images) sys.stdout writes straight to the raw file and
@@ -29,7 +66,9 @@ def write_out(text: str) -> None:
     if out is None:  # a replaced stdout (a StringIO) takes everything at once
         sys.stdout.write(text)
         return
-    data = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+    # Names from the store may hold what the encoding cannot (a lone surrogate is valid JSON):
+    # written as a backslash escape rather than a UnicodeEncodeError halfway through the output.
+    data = memoryview(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace"))
     while data:
         try:
             written = out.write(data)
@@ -47,7 +86,35 @@ def write_out(text: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    write_out(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+    write_out(json_text(data, sys.stdout.encoding or "utf-8") + "\n")
+
+
+def json_text(data: Any, encoding: str) -> str:
+    """`data` as valid JSON that `encoding` can carry.
+
+    Non-finite floats become null (NaN is not JSON; manifests ckptd writes say null already).
+    Characters are kept as they are when `encoding` takes them all, else escaped (\\uXXXX), which
+    also covers lone surrogates. No `default=`: a value JSON has no type for is a bug to see,
+    not to print as its str().
+    """
+    data = finite(data)
+    text = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False)
+    return text
+
+
+def finite(data: Any) -> Any:
+    """`data` with every NaN or infinity, however deep, replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite(v) for v in data]
+    return data
 
 
 def human_bytes(n: int | None) -> str:
@@ -61,42 +128,63 @@ def human_bytes(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+# What must not reach a terminal or a table row as it is: C0/C1 controls (ESC starts an ANSI
+# sequence, a newline breaks the row), line separators, bidi overrides, lone surrogates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with each character that would act on a terminal written as its escape (\\x1b, \\n)."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    return printable(str(value))
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, title: str | None = None) -> None:
     """Rows as a table: `rich` on a terminal, plain two-space-separated columns otherwise."""
     cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
-    headers = [header for _, header in columns]
+    headers = [printable(header) for _, header in columns]
     if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, header_style="bold")
-        for header in headers:
-            table.add_column(header, overflow="fold")
-        for line in cells:
-            table.add_row(*line)
-        Console().print(table)
+        write_out(_rich_table(cells, headers, printable(title) if title is not None else None))
         return
     widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(headers)]
     lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [headers, *cells])
     write_out("".join(f"{line}\n" for line in lines))
 
 
+def _rich_table(cells: Sequence[Sequence[str]], headers: Sequence[str], title: str | None) -> str:
+    """The table as the terminal shows it. Every string goes in as `Text`, which rich does not read
+    as markup: a metric called "[/y]" is a name, not a closing tag (MarkupError). Rendered to a
+    string so that it is written, like everything else, through write_out."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title) if title is not None else None, header_style="bold")
+    for header in headers:
+        table.add_column(Text(header), overflow="fold")
+    for line in cells:
+        table.add_row(*map(Text, line))
+    console = Console()
+    with console.capture() as captured:
+        console.print(table)
+    return captured.get()
+
+
 def note(message: str) -> None:
     """Tell the person at the terminal something that is not data (stderr, so pipes stay clean)."""
-    print(f"ckptd: {logs.redact(message)}".replace("\n", " "), file=sys.stderr)
+    print(printable(f"ckptd: {logs.redact(message)}".replace("\n", " ")), file=sys.stderr)
 
 
 def fail(message: str, code: int = exits.FAILED) -> int:
     """Say what went wrong on one line of stderr (credentials redacted) and return the exit code."""
-    print(f"ckptd: {logs.redact(message)}".replace("\n", " "), file=sys.stderr)
+    print(printable(f"ckptd: {logs.redact(message)}".replace("\n", " ")), file=sys.stderr)
     return code
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
@@ -136,9 +135,9 @@ def main(c: Config, args: argparse.Namespace) -> int:
     except StorageError as exc:
         return show.fail(f"cannot list the job's files: {exc}")
     target = args.output or f"ckptd-urls-{out['job']['id']}.json"
-    text = json.dumps(out, indent=1, ensure_ascii=False)
+    text = show.json_text(out, "utf-8")
     try:
-        write_atomic(os.path.abspath(target), (text + "\n").encode())
+        write_atomic(os.path.abspath(target), (text + "\n").encode("utf-8", "backslashreplace"))
     except OSError as exc:
         return show.fail(f"cannot write {target}: {exc}")
     if local:
@@ -147,7 +146,7 @@ def main(c: Config, args: argparse.Namespace) -> int:
             "which work only where that folder is mounted and never expire",
             exits.OK,
         )
-    show.write_out(text + "\n")
+    show.print_json(out)
     if not args.json:
         n = len(out["checkpoint_artifacts"])
         print(f"ckptd: {n} URLs of job {out['job']['id']} written to {target}", file=sys.stderr)
