@@ -94,7 +94,7 @@ class Config:
     s3_addressing_style: str = setting("storage.addressing_style", "auto", "Bucket addressing: path for most "
                                        "self-hosted stores.", parse.choice(*ADDRESSING_STYLES), STORAGE,
                                        "--s3-addressing-style", ("CKPTD_S3_ADDRESSING_STYLE",))
-    s3_checksum: str = setting("storage.checksum", "crc32", "Per-request checksum the store verifies; md5 for stores "
+    s3_checksum: str = setting("storage.checksum", "crc32c", "Per-request checksum the store verifies; md5 for stores "
                                "that reject flexible checksums (older MinIO, Ceph, R2).", parse.choice(*CHECKSUM_MODES),
                                STORAGE, "--s3-checksum", ("CKPTD_S3_CHECKSUM",))
     s3_payload_signing: str = setting("storage.payload_signing", "auto", "SHA-256 payload signing; auto signs only "
@@ -123,8 +123,9 @@ class Config:
     multipart_threshold: int = setting("upload.multipart_threshold", 16 * MiB, "Files at least this big are "
                                        "uploaded in parallel parts.", parse.size(5 * MiB, MAX_PUT), UPLOAD,
                                        "--multipart-threshold", ("CKPTD_MULTIPART_THRESHOLD",))
-    upload_concurrency: int = setting("upload.concurrency", 8, "Files uploaded at once.", parse.integer(1, 256),
-                                      UPLOAD, "--upload-concurrency", ("CKPTD_UPLOAD_CONCURRENCY",))
+    upload_concurrency: int = setting("upload.concurrency", 8, "Large files uploaded at once (small ones: twice as "
+                                      "many).", parse.integer(1, 256), UPLOAD, "--upload-concurrency",
+                                      ("CKPTD_UPLOAD_CONCURRENCY",))
     parts_in_flight: int = setting("upload.parts_in_flight", 8, "Parts in flight across all files (bounds memory).",
                                    parse.integer(1, 256), UPLOAD, "--parts-in-flight", ("CKPTD_PARTS_IN_FLIGHT",))
     settle_time: float = setting("upload.settle_time", 0.2, "A file must be unchanged this long to be complete.",

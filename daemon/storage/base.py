@@ -24,6 +24,7 @@ class FileRange:
 
 
 Body = bytes | FileRange
+STREAM_PIECE = 1 << 20  # bytes per `get` when a backend streams a range by ranged reads
 Digests = dict[str, bytes]
 # Error codes meaning "the body did not match the checksum sent with it" (AWS, MinIO, ours).
 DIGEST_MISMATCH = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"})
@@ -58,8 +59,8 @@ class Storage(abc.ABC):
     """A place checkpoints are stored. Every method raises `StorageError` on failure."""
 
     url: str  # the storage URL as the user gave it, never with credentials
-    # Digest algorithms ("md5", "sha256", "crc32") with which `put` can make the store refuse a
-    # body that differs from the bytes the caller hashed.
+    # Digest algorithms ("md5", "sha256", "crc32", "crc32c") with which `put` and `upload_part` can
+    # make the store refuse a body that differs from the bytes the caller hashed.
     verifies: tuple[str, ...] = ()
 
     @abc.abstractmethod
@@ -86,6 +87,21 @@ class Storage(abc.ABC):
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of the object (to its end when `end` is None)."""
 
+    async def get_stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the object in chunks as they arrive, never all of them in memory at
+        once: for writing a big range straight to a file. Errors are `get`'s, raised where they
+        happen, before the first chunk or between two. This default is ranged `get`s of
+        STREAM_PIECE bytes; a backend that can stream one response's body overrides it."""
+        pos = start
+        while pos < end:
+            want = min(end - pos, STREAM_PIECE)
+            chunk = await self.get(key, pos, pos + want)
+            if chunk:
+                yield chunk
+            if len(chunk) < want:  # the object ends here, as a clipped S3 range would
+                return
+            pos += want
+
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Delete the object; deleting a missing object is not an error."""
@@ -95,8 +111,11 @@ class Storage(abc.ABC):
         """Start a multipart upload; return its upload id."""
 
     @abc.abstractmethod
-    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
-        """Upload part `number` (1-based). Parts other than the last must be at least 5 MiB on S3."""
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Body, digests: Digests | None = None
+    ) -> Part:
+        """Upload part `number` (1-based). Parts other than the last must be at least 5 MiB on S3.
+        `digests` are the part's, as for `put`: computed by the caller from the bytes it hashed."""
 
     @abc.abstractmethod
     async def complete_multipart(self, key: str, upload_id: str, parts: list[Part]) -> str:

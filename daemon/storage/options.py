@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from daemon.logs import is_presigned, redact_url
 
-CHECKSUM_MODES = ("crc32", "md5", "sha256", "none")
+CHECKSUM_MODES = ("crc32c", "crc32", "md5", "sha256", "none")
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 PAYLOAD_SIGNING = ("auto", "on", "off")
 SSE_MODES = ("none", "sse-s3", "sse-kms")
@@ -25,10 +25,11 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     addressing_style: str = "auto"
-    # What the store verifies per request. crc32: flexible checksum (AWS's default, cheap);
+    # What the store verifies per request. crc32c: flexible checksum computed in hardware (the
+    # default: ~18 GB/s); crc32: flexible checksum (botocore's default, ~3.5 GB/s);
     # md5: Content-MD5, for stores that reject flexible checksums or only verify MD5 (MinIO,
     # Ceph, R2); sha256: flexible SHA-256; none: send no checksum.
-    checksum: str = "crc32"
+    checksum: str = "crc32c"
     # auto: sign the payload only when no checksum covers it (signing hashes every byte).
     payload_signing: str = "auto"
     sse: str = "none"

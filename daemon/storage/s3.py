@@ -13,12 +13,14 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
+from aiobotocore.response import AioStreamingBody
 from aiobotocore.session import AioSession
 
-from daemon.storage.base import Body, Digests, FileRange, ObjectInfo, Part, PendingUpload, Storage
+from daemon.storage.base import STREAM_PIECE, Body, Digests, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError
 from daemon.storage.options import S3Options
+from daemon.storage.payload import RangePayload  # noqa: F401 - registers how aiohttp sends file ranges
 from daemon.storage.s3client import client_config, shared_loader, translate
 
 T = TypeVar("T")
@@ -27,10 +29,11 @@ T = TypeVar("T")
 _CHECKSUM_PARAM = {
     "md5": ("md5", "ContentMD5"),
     "crc32": ("crc32", "ChecksumCRC32"),
+    "crc32c": ("crc32c", "ChecksumCRC32C"),
     "sha256": ("sha256", "ChecksumSHA256"),
 }
 # Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
-_FLEXIBLE = {"crc32": "CRC32", "sha256": "SHA256"}
+_FLEXIBLE = {"crc32": "CRC32", "crc32c": "CRC32C", "sha256": "SHA256"}
 
 
 class S3Storage(Storage):
@@ -182,6 +185,27 @@ class S3Storage(Storage):
         async with resp["Body"] as stream:
             return await self._call("get", key, stream.read())
 
+    async def get_stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        if end <= start:
+            return
+        params = {"Key": self._full(key), "Range": f"bytes={start}-{end - 1}"}
+        body = (await self._request("get", key, "get_object", **params))["Body"]
+        # aiohttp's reader hands out each chunk as it came off the socket; the body's read(n) joins
+        # chunks into new bytes (a copy of every byte). Another body type is read the plain way.
+        reader = body.raw_stream.content if type(body) is AioStreamingBody else None
+        try:
+            while True:
+                try:
+                    chunk = (await reader.readchunk())[0] if reader is not None else await body.read(STREAM_PIECE)
+                except Exception as exc:  # a cut or stalled connection: NetworkError, resumed by the caller
+                    raise translate("get", key, exc) from exc
+                if chunk:
+                    yield chunk
+                elif reader is None or reader.at_eof():  # else: the end of one HTTP chunk, not of the body
+                    return
+        finally:
+            body.close()  # a body not read to its end closes its connection: never back in the pool
+
     async def delete(self, key: str) -> None:
         await self._request("delete", key, "delete_object", Key=self._full(key))
 
@@ -203,8 +227,10 @@ class S3Storage(Storage):
         resp = await self._request("create_multipart", key, "create_multipart_upload", Key=self._full(key), **params)
         return resp["UploadId"]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: Body) -> Part:
-        params = await self._checksum_params(body)
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Body, digests: Digests | None = None
+    ) -> Part:
+        params = await self._checksum_params(body, digests)
         resp = await self._request(
             "upload_part",
             key,

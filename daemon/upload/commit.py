@@ -109,6 +109,8 @@ class _Checkpoint:
     # The store lacks stored files of it (`held`): "pruned" (forgotten: a prune deleted exactly
     # these files) or "missing". It does not come due again until a file of it is stored anew.
     held: str | None = None
+    # A marker is among `stored` (which only grows): kept here, not searched for on every `due`.
+    marker_stored: bool = False
 
 
 class CheckpointTracker:
@@ -148,6 +150,7 @@ class CheckpointTracker:
         if state.stored.get(file.relpath) != file:
             state.held = None  # other content: no longer what the store was found to lack
         state.stored[file.relpath] = file
+        state.marker_stored = state.marker_stored or is_marker(file.relpath, self.markers)
         state.committed = False
 
     def dropped(self, relpath: str, now: float) -> None:
@@ -232,10 +235,12 @@ class CheckpointTracker:
         # Once stored, a marker stays seen: a file found late by a rescan, or changed afterwards,
         # belongs to the same save, and demanding a fresh marker would block its commit forever.
         state = self._checkpoints.get(checkpoint)
-        return bool(state) and any(is_marker(relpath, self.markers) for relpath in state.stored)
+        return bool(state) and state.marker_stored
 
     def _reason(self, checkpoint: str, state: _Checkpoint, now: float, final: bool) -> str | None:
         if state.held:  # first: a manifest it had may be gone (pruned)
+            return None
+        if state.pending:  # should_commit's first rule, ahead of what costs a pass over the files
             return None
         if not state.committed and not state.pending and state.stored == state.manifest_files:
             state.committed = True  # noticed again, found unchanged: the manifest still holds

@@ -154,7 +154,9 @@ class Engine:
         await asyncio.to_thread(self.journal.open)
         await self._recover()
         self.tasks.spawn(self.intake.settler.run, "settle")
-        for lane, count in ((SMALL, max(1, c.upload_concurrency // 2)), (LARGE, c.upload_concurrency)):
+        # Small files cost the store a round trip each: twice the workers (their memory is bounded
+        # by the transfer's `parts` slots, not by the worker count).
+        for lane, count in ((SMALL, 2 * c.upload_concurrency), (LARGE, c.upload_concurrency)):
             for i in range(count):
                 self.tasks.spawn(lambda lane=lane: self.uploader.run(lane), f"upload-{lane}-{i}")
         self.tasks.spawn(self.publisher.run, "commit")

@@ -29,7 +29,12 @@ from daemon.storage.s3 import S3Storage
 KIND = "integration"
 
 MiB = 1 << 20
-CHECKSUM_HEADER = {"crc32": "x-amz-checksum-crc32", "md5": "content-md5", "sha256": "x-amz-checksum-sha256"}
+CHECKSUM_HEADER = {
+    "crc32": "x-amz-checksum-crc32",
+    "crc32c": "x-amz-checksum-crc32c",
+    "md5": "content-md5",
+    "sha256": "x-amz-checksum-sha256",
+}
 
 
 def b64(raw: bytes) -> str:
@@ -39,6 +44,13 @@ def b64(raw: bytes) -> str:
 def expected_checksum(mode: str, data: bytes) -> str:
     if mode == "crc32":
         return b64(zlib.crc32(data).to_bytes(4, "big"))
+    if mode == "crc32c":  # RFC 3720's CRC32C, by hand: an independent check of the hardware one
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+        return b64((crc ^ 0xFFFFFFFF).to_bytes(4, "big"))
     return b64(hashlib.new(mode, data).digest())
 
 
@@ -65,7 +77,7 @@ def source_fd(tmp_path):
     os.close(fd)
 
 
-@pytest.mark.parametrize("mode", ["crc32", "md5", "sha256", "none"])
+@pytest.mark.parametrize("mode", ["crc32", "crc32c", "md5", "sha256", "none"])
 async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: str) -> None:
     fd, data = source_fd
     store = make_s3_store(checksum=mode)
@@ -75,7 +87,7 @@ async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: 
     upload = await store.create_multipart("mp/obj")
     part1 = await store.upload_part("mp/obj", upload, 1, FileRange(fd, 0, len(data)))
     part2 = await store.upload_part("mp/obj", upload, 2, b"tail")
-    assert (part1.checksum is not None) == (mode in ("crc32", "sha256"))
+    assert (part1.checksum is not None) == (mode in ("crc32", "crc32c", "sha256"))
     await store.complete_multipart("mp/obj", upload, [part1, part2])
     assert await store.get("put/small") == b"small object"
     assert await store.get("put/big") == data[: 2 * MiB]
@@ -92,7 +104,9 @@ async def test_checksum_modes_put_and_multipart(make_s3_store, source_fd, mode: 
     if mode != "none":
         assert small[CHECKSUM_HEADER[mode]] == expected_checksum(mode, b"small object")
     create = next(h for m, p, h in seen if m == "POST" and p.endswith("/mp/obj"))
-    assert create.get("x-amz-checksum-algorithm") == {"crc32": "CRC32", "sha256": "SHA256"}.get(mode)
+    assert create.get("x-amz-checksum-algorithm") == {"crc32": "CRC32", "crc32c": "CRC32C", "sha256": "SHA256"}.get(
+        mode
+    )
 
 
 @pytest.mark.parametrize(

@@ -92,3 +92,29 @@ async def test_starting_a_multipart_upload_never_fsyncs_on_the_event_loop(tmp_pa
     assert stored.identity.size == 12 * MiB
     assert on_loop == []
     assert (tmp_path / "store" / "k" / "big.bin").read_bytes() == big.read_bytes()
+
+
+async def test_only_small_bodies_upload_without_a_parts_slot(tmp_path):
+    """Files read into memory above HELD take one of the `parts` slots, which bound memory whatever
+    the number of small-lane workers; tiny files never wait for one."""
+    journal = Journal(str(tmp_path / "state" / "journal.jsonl"))
+    await asyncio.to_thread(journal.open)
+    (tmp_path / "staging").mkdir()
+    staging = Staging(str(tmp_path / "staging"))
+    parts = asyncio.Semaphore(1)
+    transfer = Transfer(
+        LocalStorage(str(tmp_path / "store")), journal, parts, Throttle(0), threshold=16 * MiB,
+        part_size=None, deadline=Deadline(), health=StoreHealth(),
+    )  # fmt: skip
+    for name, size in (("tiny.json", 64 << 10), ("shard.bin", 2 * MiB)):
+        (tmp_path / name).write_bytes(os.urandom(size))
+    await parts.acquire()  # every slot busy, as with big files in flight
+    tiny = await asyncio.wait_for(transfer.upload(staging.pin(str(tmp_path / "tiny.json"), "tiny.json"), "k/tiny"), 10)
+    assert tiny.identity.size == 64 << 10
+    shard = asyncio.ensure_future(transfer.upload(staging.pin(str(tmp_path / "shard.bin"), "shard.bin"), "k/shard"))
+    await asyncio.sleep(0.2)
+    assert not shard.done()  # waits for a slot
+    parts.release()
+    assert (await asyncio.wait_for(shard, 10)).identity.size == 2 * MiB
+    assert (tmp_path / "store" / "k" / "shard").read_bytes() == (tmp_path / "shard.bin").read_bytes()
+    await asyncio.to_thread(journal.close)
