@@ -1,6 +1,7 @@
 """Downloading, verified: each file of a checkpoint into its staging folder (stage.py), in
-parallel (ranged GETs for big ones), checked against the manifest's size and SHA-256 and fsynced,
-so that only verified bytes are ever put in place.
+parallel (ranged GETs for big ones, streamed to the file as they arrive: landing.py), checked
+against the manifest's size and SHA-256 (hashed while downloading) and fsynced, so that only
+verified bytes are ever put in place.
 
 The store is not trusted: a big object whose size differs from its manifest's is refused before
 its first byte is fetched, and the files are written at their declared offsets (nothing is
@@ -13,20 +14,21 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
 
 from daemon import metrics
-from daemon.files import sha256_of
 from daemon.restore import safefs
+from daemon.restore.landing import Corrupt, Landing, Range, in_thread
 from daemon.restore.plan import Item
 from daemon.restore.stage import Staging
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
+__all__ = ["ATTEMPTS", "Corrupt", "Downloader", "RestoreFailed", "Tally", "all_or_cancel", "in_thread"]
 ATTEMPTS = 3  # downloads of one file whose bytes do not match its manifest before giving up
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -36,48 +38,12 @@ class RestoreFailed(Exception):
     """The restore cannot complete; training must not start (exit 3)."""
 
 
-class Corrupt(Exception):
-    """The stored object does not match its manifest entry."""
-
-
 def _create(staging: Staging, relpath: str, opened: list[int]) -> None:
     # The descriptor goes into `opened` at once, so the caller closes it even if it was cancelled.
     with staging.slot(relpath) as (folder, name):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=folder)  # a failed attempt's bytes
         opened.append(safefs.create_file(folder, name))
-
-
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _finish(fd: int, item: Item) -> None:
-    """Verify the staged file against the manifest and make it durable."""
-    size = os.fstat(fd).st_size
-    if size != item.size:
-        raise Corrupt(f"size {size}, manifest says {item.size}")
-    got = sha256_of(fd)
-    if got != item.sha256:
-        raise Corrupt(f"sha256 {got}, manifest says {item.sha256}")
-    os.fsync(fd)
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a thread. A cancelled caller still waits for it to end, so that no write lands
-    in a temporary file after the file was discarded (or recreated by the next attempt)."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    finally:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([fut])
-        if not fut.cancelled():
-            fut.exception()  # retrieved: a cancelled caller reports its cancellation, not this
 
 
 async def all_or_cancel(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
@@ -104,7 +70,8 @@ class Tally:
 
 
 class Downloader:
-    """Parallel downloads: at most `concurrency` files and `concurrency` chunks (memory) at once."""
+    """Parallel downloads: at most `concurrency` files and `concurrency` ranges of `chunk_size`
+    bytes in flight, each holding at most a batch (landing.BATCH) in memory."""
 
     def __init__(
         self,
@@ -180,41 +147,26 @@ class Downloader:
         opened: list[int] = []
         try:
             await in_thread(_create, staging, item.relpath, opened)
-            await self._fetch(item, opened[0])
-            await in_thread(_finish, opened[0], item)
+            landing = Landing(opened[0])
+            await self._fetch(item, landing)
+            await in_thread(landing.finish, item.size, item.sha256)
         finally:
             for fd in opened:  # every writer thread has ended: _fetch waits for them all
                 os.close(fd)
 
-    async def _fetch(self, item: Item, fd: int) -> None:
-        offsets = iter(range(0, item.size, self.chunk_size))  # shared: each chunk is taken by one worker
+    async def _fetch(self, item: Item, landing: Landing) -> None:
+        offsets = iter(range(0, item.size, self.chunk_size))  # shared: each range is taken by one worker
 
         async def worker() -> None:
             for start in offsets:
-                await self._chunk(item, fd, start, min(start + self.chunk_size, item.size))
+                await self._range(item, landing, start, min(start + self.chunk_size, item.size))
 
         count = -(-item.size // self.chunk_size)
         await all_or_cancel(worker() for _ in range(min(self.concurrency, count)))
 
-    async def _chunk(self, item: Item, fd: int, start: int, end: int) -> None:
+    async def _range(self, item: Item, landing: Landing, start: int, end: int) -> None:
         async with self.chunks:
-            get = functools.partial(self.storage.get, item.key, start, end)
+            part = Range(self.storage, item.key, landing, start, end)
+            pull = functools.partial(part.pull, functools.partial(self._advance, target=item.target))
             deadline = Deadline.after(self.retry_window)
-            n = await land_range(lambda: retrying(get, deadline=deadline, context={"file": item.target}, counter=None),
-                                 fd, start, end)  # fmt: skip
-        self._advance(n, item.target)
-
-
-async def land_range(get: Callable[[], Awaitable[bytes]], fd: int, start: int, end: int) -> int:
-    """Bytes [start, end) of an object, fetched by `get` and written at `start` of `fd`; their
-    count. Corrupt when the store returns anything but exactly those bytes' length."""
-    try:
-        data = await get()
-    except StorageError as exc:
-        if exc.code != "InvalidRange":  # S3's answer to a range past the object's end
-            raise
-        raise Corrupt(f"the object ends before byte {start}") from None
-    if len(data) != end - start:
-        raise Corrupt(f"bytes [{start}, {end}) of the object came back as {len(data)} bytes")
-    await in_thread(_write_at, fd, data, start)
-    return len(data)
+            await retrying(pull, deadline=deadline, context={"file": item.target}, counter=None)

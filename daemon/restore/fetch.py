@@ -13,8 +13,9 @@ folder, verified, fsynced and renamed over its name; the folder is then fsynced.
 - Links: every folder below the download folder is walked link-free (safefs); a link or a special
   file where a file or folder must go is refused, never followed. The download folder itself is
   the user's choice and may be a link (a mounted volume).
-- Bounds: at most `concurrency` files and `concurrency` chunks of `chunk_size` bytes in memory at
-  once, whatever the sizes; a size lie costs one HEAD, and the free space is checked first.
+- Bounds: at most `concurrency` files and `concurrency` ranges of `chunk_size` bytes in flight,
+  each streamed to its file a batch at a time (landing.py), whatever the sizes; a size lie costs
+  one HEAD, and the free space is checked first.
 - A kill leaves at most `.tmp-ckptd-download-*` files beside complete ones, never a torn file
   under a real name; the next download into the folder removes them. Downloads into one folder
   take turns (a lock on it), so the leftovers it removes are never a running download's.
@@ -36,9 +37,9 @@ from typing import TypeVar
 
 import structlog
 
-from daemon.files import sha256_of
 from daemon.restore import safefs
-from daemon.restore.download import ATTEMPTS, Corrupt, Tally, all_or_cancel, in_thread, land_range
+from daemon.restore.download import ATTEMPTS, Tally, all_or_cancel
+from daemon.restore.landing import Corrupt, Landing, Range, in_thread
 from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
 
@@ -90,15 +91,11 @@ def _create(root_fd: int, root: str, want: Wanted, tmp: str, opened: list[int]) 
     opened.append(safefs.create_file(opened[0], tmp))
 
 
-def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
-    """Verify, fsync, rename over the file's name, fsync the folder."""
-    folder, fd = opened
-    size = os.fstat(fd).st_size
-    if size != want.size:
-        raise Corrupt(f"size {size}, expected {want.size}")
-    if want.sha256 is not None and (got := sha256_of(fd)) != want.sha256:
-        raise Corrupt(f"sha256 {got}, manifest says {want.sha256}")
-    os.fsync(fd)
+def _finish(opened: list[int], landing: Landing, tmp: str, want: Wanted, root: str) -> None:
+    """Verify (the digest was computed as the bytes landed), fsync, rename over the file's name,
+    fsync the folder."""
+    folder = opened[0]
+    landing.finish(want.size, want.sha256)
     name = want.parts[-1]
     safefs.check_file_slot(folder, name, os.path.join(root, want.path))  # a link there is refused, never followed
     safefs.rename(folder, tmp, folder, name)
@@ -106,7 +103,7 @@ def _finish(opened: list[int], tmp: str, want: Wanted, root: str) -> None:
 
 
 class _Fetcher:
-    """Downloads into place: at most `concurrency` files and `concurrency` chunks (memory) at once."""
+    """Downloads into place: at most `concurrency` files and `concurrency` ranges at once."""
 
     def __init__(
         self,
@@ -166,14 +163,15 @@ class _Fetcher:
         tmp: str | None = f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             await in_thread(_create, self.root_fd, self.root, want, tmp, opened)
-            offsets = iter(range(0, want.size, self.chunk_size))  # shared: each chunk is taken by one worker
+            landing = Landing(opened[1], verify=want.sha256 is not None)
+            offsets = iter(range(0, want.size, self.chunk_size))  # shared: each range is taken by one worker
 
             async def worker() -> None:
                 for start in offsets:
-                    await self._chunk(want, opened[1], start, min(start + self.chunk_size, want.size), landed)
+                    await self._range(want, landing, start, min(start + self.chunk_size, want.size), landed)
 
             await all_or_cancel(worker() for _ in range(min(self.concurrency, -(-want.size // self.chunk_size))))
-            await in_thread(_finish, opened, tmp, want, self.root)
+            await in_thread(_finish, opened, landing, tmp, want, self.root)
             tmp = None
         finally:
             if tmp is not None and len(opened) == 2:  # synchronous: it must happen even while being cancelled
@@ -182,12 +180,14 @@ class _Fetcher:
             for fd in opened:  # every writer thread has ended: in_thread and all_or_cancel wait for them
                 os.close(fd)
 
-    async def _chunk(self, want: Wanted, fd: int, start: int, end: int, landed: list[int]) -> None:
+    async def _range(self, want: Wanted, landing: Landing, start: int, end: int, landed: list[int]) -> None:
+        def advance(n: int) -> None:
+            landed[0] += n
+            self.advance(n)
+
         async with self.chunks:
-            get = functools.partial(self.storage.get, want.key, start, end)
-            n = await land_range(lambda: self._retrying(get, want), fd, start, end)
-        landed[0] += n
-        self.advance(n)
+            part = Range(self.storage, want.key, landing, start, end)
+            await self._retrying(functools.partial(part.pull, advance), want)
 
 
 def _open_root(folder: str) -> int:

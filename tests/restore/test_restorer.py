@@ -65,6 +65,21 @@ class Spy:
         finally:
             self.in_flight -= 1
 
+    async def get_stream(self, key, start, end):
+        """What restore downloads files with: recorded and failed as `get` is."""
+        self.gets.append((key, start, end))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)
+            if (key, start) in self.fail_once:
+                self.fail_once.discard((key, start))
+                raise StorageError("get", key, "SlowDown", "injected", http_status=503)
+            async for chunk in self.inner.get_stream(key, start, end):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+
 
 def ref(checkpoint: str = "checkpoint-20", job: str = "src", **kw) -> CheckpointRef:
     return CheckpointRef(NAMED, job_id=job, checkpoint_name=checkpoint, **kw)

@@ -154,6 +154,14 @@ class FailingStore:
             self.served += 1
         return await self.inner.get(key, start, end)
 
+    async def get_stream(self, key, start, end):
+        if key == self.key:
+            if self.served >= self.after:
+                raise StorageError("get", key, "AccessDenied", "injected mid-body", http_status=403, transient=False)
+            self.served += 1
+        async for chunk in self.inner.get_stream(key, start, end):
+            yield chunk
+
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "over-an-older-restore"])
 async def test_store_failing_mid_download_leaves_nothing_half_done(source, tmp_path, existing):
