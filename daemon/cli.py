@@ -6,6 +6,7 @@ Configuration errors exit 2 before anything starts (SPEC §3); each command owns
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -206,6 +207,19 @@ def _one_shot(command: Callable[[Config, argparse.Namespace], int], config: Conf
     except KeyboardInterrupt:
         print(f"ckptd: {args.command} interrupted", file=sys.stderr)
         return 128 + (heard[0] if heard else signal.SIGINT)
+
+
+def entry() -> NoReturn:
+    """The `ckptd` program: `main()`, then an exit that skips tearing the interpreter down.
+
+    When `main` returns, every command is done with everything (files fsynced and renamed, threads
+    joined, the event loop closed); freeing every object and module on the way out only adds about
+    0.2 s to a restore, which the GPUs wait for. Errors and SystemExit leave the usual way."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: show.py has told the user
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

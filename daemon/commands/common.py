@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 
 from daemon import __version__, metrics
 from daemon.config import Config
-from daemon.serve import Health, ServeError, Server
 from daemon.storage import S3Options, Storage, open_storage
+
+if TYPE_CHECKING:
+    from daemon.serve import Health
 
 log = structlog.get_logger()
 
@@ -44,6 +47,8 @@ def identify(c: Config, mode: str) -> dict:
 async def serving(c: Config, mode: str) -> AsyncIterator[Health | None]:
     """Serve /metrics and health for the duration; yields None when the address cannot be used
     (the caller exits 2: a configuration error, found before anything started)."""
+    from daemon.serve import Health, ServeError, Server  # aiohttp.web: not on restore's start-up path
+
     health = Health(identify(c, mode))
     server = Server(health)
     try:
