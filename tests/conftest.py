@@ -13,6 +13,7 @@ reaches a real S3 server is `integration` whatever its module says. Select with 
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,11 @@ from servers import S3Bucket, S3Server
 from daemon.storage import Storage
 from daemon.storage.local import LocalStorage
 from daemon.storage.s3 import S3Storage
+
+# A suite started in a shell's background inherits SIGINT ignored: the tests of Ctrl-C (a real
+# SIGINT to this process) would then wait forever for an interruption that never comes.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 S3_PREFIX = servers.S3_PREFIX
 KINDS = ("unit", "integration", "slow")

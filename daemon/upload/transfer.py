@@ -228,7 +228,8 @@ def _check_unchanged(fd: int, pin: Pin) -> None:
 
 def _release(fd: int) -> None:
     _drop_cache(fd, 0, 0)
-    os.close(fd)
+    with contextlib.suppress(OSError):  # nobody awaits this: an error here would go unseen anyway
+        os.close(fd)
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
