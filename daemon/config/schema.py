@@ -145,7 +145,9 @@ class Config:
                                        "checkpoint.", parse.string_list, UPLOAD, "--marker", ("CKPTD_MARKERS",))
     bandwidth_limit: int = setting("upload.bandwidth_limit", 0, "Upload bytes per second; 0 is unlimited.",
                                    parse.size(0), UPLOAD, "--bandwidth-limit", ("CKPTD_BANDWIDTH_LIMIT",))
-    nice: int = setting("upload.nice", 10, "CPU niceness of the uploader (the trainer keeps its own).",
+    # 19, not 10: beside a CPU-bound training loop on a shared core, a training step took 11-17 %
+    # longer while ckptd uploaded at 10, 4.5 % at 19 (docs/benchmarks.md, scenario 6).
+    nice: int = setting("upload.nice", 19, "CPU niceness of the uploader (the trainer keeps its own).",
                         parse.integer(0, 19), UPLOAD, "--nice", ("CKPTD_NICE",))
     io_priority: str = setting("upload.io_priority", "best-effort", "I/O class of the uploader: best-effort (lowest "
                                "level), idle, or normal.", parse.choice("best-effort", "idle", "normal"), UPLOAD,
