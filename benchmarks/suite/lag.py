@@ -55,6 +55,7 @@ def _wait_seen(obs: Observer, keys: dict[str, float], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not set(keys) <= set(obs.seen):
         if time.monotonic() > deadline:
+            obs.stop_event.set()  # else it goes on listing a bucket that is about to go, store and all
             raise RuntimeError(f"{len(set(keys) - set(obs.seen))} lag files never appeared in the store")
         time.sleep(0.05)
     obs.stop_event.set()
@@ -84,10 +85,12 @@ def run_sync(store: Store, work: Path, opts: dict) -> dict:
     stop = threading.Event()
 
     def sidecar() -> None:  # the naive loop: sync, sleep 5 s, again; one final sync after the writer
+        # Like `while true; do aws s3 sync ...; sleep 5; done`, a failed sync does not end the loop:
+        # `aws s3 sync` exits 2 when a file it listed (a temporary name) was gone by the time it read it.
         while True:
-            subprocess.run(tools.sync(store, ckpt, bucket, "bench/"), env=store.env, check=True)
+            subprocess.run(tools.sync(store, ckpt, bucket, "bench/"), env=store.env, check=False)
             if stop.wait(SYNC_EVERY):
-                subprocess.run(tools.sync(store, ckpt, bucket, "bench/"), env=store.env, check=True)
+                subprocess.run(tools.sync(store, ckpt, bucket, "bench/"), env=store.env, check=False)
                 return
 
     try:
