@@ -71,6 +71,27 @@ class Storage(abc.ABC):
         store) makes the store reject a body that reads differently now: a file rewritten in place
         while it is sent. The refusal is a StorageError with a code in DIGEST_MISMATCH."""
 
+    # Whether `put_if_absent` is known to be atomic on this store: True once it is (a backend that
+    # always is, or a store that refused a conditional write with 412), False once the store said it
+    # cannot (501 and the like), None while nothing has told. A store that ignores the condition
+    # cannot be told from one that honours it by a write that succeeds, so it stays None.
+    conditional_writes: bool | None = None
+
+    @abc.abstractmethod
+    async def put_if_absent(self, key: str, body: bytes) -> bool:
+        """Store `body` at `key` only if no object is there; True if this call created it, False
+        if an object already existed (the caller then reads that one instead).
+
+        Atomic where the store supports conditional writes (S3's `If-None-Match: *`; a hard link
+        on a local directory): of concurrent callers exactly one gets True, and no call replaces
+        an existing object.
+
+        A store without them degrades to a plain `put` and returns True: one that answers 501
+        NotImplemented (then `conditional_writes` becomes False), and one that ignores the header
+        and silently overwrites (the MinIO-derived JuiceFS gateway does). Then every caller "wins"
+        and the last write is what stays, so callers must write deterministic content: the same
+        bytes for the same key from whoever writes it, so that which write stays does not matter."""
+
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
         """Return the object's metadata, or None if it does not exist."""

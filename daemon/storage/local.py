@@ -18,6 +18,7 @@ expiry, so the URL is as good as the reader's file-system permissions.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -39,6 +40,9 @@ from daemon.storage.errors import StorageError
 T = TypeVar("T")
 MULTIPART_DIR = ".ckptd-multipart"
 _SAMPLE = 5  # skipped names quoted in a listing's warning
+# What link() says on a file system without hard links (EPERM: FUSE file systems such as s3fs and
+# vfat; our own temporary file is never one that protected_hardlinks would refuse).
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
 
 
 class LocalStorage(Storage):
@@ -65,6 +69,71 @@ class LocalStorage(Storage):
     def _put_sync(self, key: str, fill: Callable[[int], str]) -> str:
         nofollow.refuse_linked_folders(self.root, "put", key)
         return fs.write_atomic(self.root / key, fill)
+
+    # link() never replaces a name, so creating an object through it is atomic on any file system
+    # with hard links; one without them makes this False (see put_if_absent).
+    conditional_writes: bool | None = True
+
+    async def put_if_absent(self, key: str, body: bytes) -> bool:
+        fs.check_key("put_if_absent", key)
+        return await self._run("put_if_absent", key, self._put_if_absent_sync, key, fs.fill_from(body, key))
+
+    def _put_if_absent_sync(self, key: str, fill: Callable[[int], str]) -> bool:
+        nofollow.refuse_linked_folders(self.root, "put_if_absent", key)
+        dest = self.root / key
+        # The bytes and their etag are made durable under a temporary name in the key's folder, by
+        # the same primitive as put (it also makes the folders); the temporary file keeps the folder
+        # from being pruned by a concurrent delete until the link is made. Then link(), unlike
+        # rename(), publishes the object only if the name is free: EEXIST is "someone was first".
+        tmp = dest.parent / f"{fs.TMP_PREFIX}{uuid.uuid4().hex}"
+        fs.write_atomic(tmp, fill)
+        try:
+            created = self._publish(tmp, dest)
+        finally:
+            # After a link, a second name of the object; after EEXIST or an error, the loser's
+            # bytes; after a rename, nothing. A crash before this leaves debris listings ignore.
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if not created:
+            return self._existing("put_if_absent", key)
+        fs.fsync_dir(dest.parent)  # the new name (and the temporary one gone) durable before "created"
+        return True
+
+    def _publish(self, tmp: Path, dest: Path) -> bool:
+        """Give `tmp`'s file the name `dest`; False if the name is taken (nothing is replaced)."""
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # Some FUSE file systems have no hard links: degrade as base.py documents, to put's rename.
+            self._no_hard_links(exc)
+            os.rename(tmp, dest)
+        return True
+
+    def _existing(self, op: str, key: str) -> bool:
+        """False when the object that was at `key` is a regular file (or is gone again: it was there);
+        a folder, link or special file at the key is no object to read and cannot become one."""
+        folder, _, name = key.rpartition("/")
+        with nofollow.folder_fd(self.root, folder) as dir_fd:
+            mode = None if dir_fd is None else nofollow.lstat_mode(name, dir_fd)
+        if mode is None or stat.S_ISREG(mode):
+            return False
+        why = "a folder, link or special file is at the key, not an object"
+        raise StorageError(op, key, "KeyConflict", why, http_status=409, transient=False)
+
+    def _no_hard_links(self, exc: OSError) -> None:
+        if self.conditional_writes is not False:
+            self.conditional_writes = False
+            logs.get(__name__).warning(
+                "the store's file system has no hard links: create-if-absent is a plain put",
+                store=self.url,
+                error=exc.strerror,
+            )
 
     async def head(self, key: str) -> ObjectInfo | None:
         fs.check_key("head", key)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from aiobotocore.response import AioStreamingBody
 from aiobotocore.session import AioSession
 
+from daemon import logs
 from daemon.storage.base import STREAM_PIECE, Body, Digests, FileRange, ObjectInfo, Part, PendingUpload, Storage
 from daemon.storage.bodies import RangeReader, b64, body_size, digests
 from daemon.storage.errors import StorageError
@@ -34,6 +35,18 @@ _CHECKSUM_PARAM = {
 }
 # Flexible checksums are declared at CreateMultipartUpload and repeated per part at completion.
 _FLEXIBLE = {"crc32": "CRC32", "crc32c": "CRC32C", "sha256": "SHA256"}
+# Pause before re-sending a conditional write that met a concurrent one (409): long enough for a
+# small PUT in flight to finish, short enough not to matter to the caller.
+_CONFLICT_PAUSE = 0.05
+
+
+def _refuses_condition(err: StorageError) -> bool:
+    """The store may not do conditional writes: AWS-style 501 NotImplemented ("a header you provided
+    implies functionality that is not implemented", which does not say which header), or a 400
+    that names the header. `put_if_absent` confirms it with a plain put."""
+    if err.code == "NotImplemented" or err.http_status == 501:
+        return True
+    return err.code in ("InvalidArgument", "InvalidRequest") and "if-none-match" in err.message.lower()
 
 
 class S3Storage(Storage):
@@ -122,17 +135,65 @@ class S3Storage(Storage):
         return (mode[0],) if mode else ()
 
     async def put(self, key: str, body: Body, digests: Digests | None = None) -> str:
-        params = await self._checksum_params(body, digests)
-        resp = await self._request(
-            "put",
+        resp = await self._put_object("put", key, body, await self._checksum_params(body, digests))
+        return resp["ETag"].strip('"')
+
+    async def _put_object(self, op: str, key: str, body: Body, checksum: dict[str, str], **extra: str) -> dict:
+        return await self._request(
+            op,
             key,
             "put_object",
             Key=self._full(key),
             Body=self._stream(body),
-            **params,
+            **checksum,
             **self._sse_params(),
+            **extra,
         )
-        return resp["ETag"].strip('"')
+
+    async def put_if_absent(self, key: str, body: bytes) -> bool:
+        checksum = await self._checksum_params(body)  # once: every attempt below sends the same bytes
+        if self.conditional_writes is False:
+            await self._put_object("put_if_absent", key, body, checksum)
+            return True
+        for attempt in (1, 2):
+            try:
+                await self._put_object("put_if_absent", key, body, checksum, IfNoneMatch="*")
+                return True  # created, or a store that ignores the header overwrote: see base.py
+            except StorageError as err:
+                if err.code == "PreconditionFailed" or err.http_status == 412:
+                    self.conditional_writes = True
+                    return False
+                if _refuses_condition(err):
+                    # The same request without the header: if the store takes it, the header was
+                    # what it refused. If not, something else was (the JuiceFS gateway answers SSE
+                    # with the same 501), and that error is the caller's, conditions still unknown.
+                    await self._put_object("put_if_absent", key, body, checksum)
+                    self._conditions_unsupported(err)
+                    return True
+                if err.code != "ConditionalRequestConflict":
+                    raise
+                # 409: another write or a delete of this key was in flight and AWS could not order
+                # ours against it. Asking the same question again once it has settled is the only
+                # right answer: 412 if it created the object, 200 if it failed or was a delete.
+                # A HEAD instead could see nothing yet (or never: the other write may fail), and
+                # "exists" would send the caller to read an object that is not there.
+                if attempt == 2:
+                    # Still contended: a transient error, so the caller's retry loop backs off.
+                    raise StorageError(
+                        err.op, key, err.code, err.message, http_status=err.http_status, transient=True
+                    ) from err
+                await asyncio.sleep(_CONFLICT_PAUSE)
+        raise AssertionError("unreachable")
+
+    def _conditions_unsupported(self, err: StorageError) -> None:
+        if self.conditional_writes is not False:
+            self.conditional_writes = False
+            logs.get(__name__).warning(
+                "the store does not support conditional writes: create-if-absent is a plain put",
+                store=self.url,
+                code=err.code,
+                error=err.message,
+            )
 
     async def head(self, key: str) -> ObjectInfo | None:
         try:
