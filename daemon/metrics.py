@@ -54,6 +54,25 @@ RESCAN_FOUND = Counter("ckptd_rescan_found_files", "Files found by a scan, not b
 COMMITTED = Counter("ckptd_checkpoints_committed", "Checkpoints committed", registry=REGISTRY)
 LAST_COMMIT_TIME = Gauge("ckptd_last_commit_timestamp_seconds", "Unix time of the last commit", registry=REGISTRY)
 LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last committed checkpoint", registry=REGISTRY)
+GLOBAL_COMMITTED = Counter(
+    "ckptd_global_commits", "Checkpoints of a multi-node job this node committed globally", registry=REGISTRY
+)
+GLOBAL_WAITING = Gauge(
+    "ckptd_checkpoints_waiting_for_ranks",
+    "Checkpoints of a multi-node job with parts stored that wait for other ranks' parts",
+    registry=REGISTRY,
+)
+GLOBAL_OLDEST_WAITING = Gauge(
+    "ckptd_oldest_waiting_for_ranks_age_seconds",
+    "Age of the oldest checkpoint waiting for other ranks' parts, since its first part (0 when none)",
+    registry=REGISTRY,
+)
+RANK_LAG_THRESHOLD = Gauge(
+    "ckptd_rank_lag_threshold_seconds",
+    "upload.rank_lag_alert of a multi-node job (0 otherwise): CkptdRankLagging fires when "
+    "ckptd_oldest_waiting_for_ranks_age_seconds passes it",
+    registry=REGISTRY,
+)
 RESTORE_BYTES = Counter("ckptd_restore_bytes", "Bytes restored", registry=REGISTRY)
 RESTORE_FILES = Counter("ckptd_restore_files", "Files restored", registry=REGISTRY)
 RESTORE_DURATION = Gauge("ckptd_restore_duration_seconds", "Duration of the last restore", registry=REGISTRY)

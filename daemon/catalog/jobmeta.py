@@ -47,6 +47,8 @@ async def ensure_job(
     if isinstance(created_at, datetime):
         created_at = created_at.astimezone(UTC).isoformat()
     job = {"project": project, "job_id": job_id, "created_at": created_at or utc_now(), "group_size": group_size}
+    if group_size > 1:  # its checkpoints commit across nodes (globalmanifest.py), unlike jobs before it
+        job["global_commit"] = True
     await storage.put(key, json_bytes(job))
     return job
 

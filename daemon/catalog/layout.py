@@ -2,6 +2,7 @@
 
     training_projects/{project}/jobs/{job_id}/rank-{N}/{relative path}        checkpoint files
     training_projects/{project}/jobs/{job_id}/manifests/rank-{N}/{ckpt}.json  commit manifests
+    training_projects/{project}/jobs/{job_id}/manifests/global/{ckpt}.json    multi-node commits
     training_projects/{project}/jobs/{job_id}/job.json                        job metadata
     training_projects/{project}/jobs/{job_id}/status/rank-{N}.json            per-rank status
 
@@ -79,6 +80,15 @@ def manifest_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
     # The root pseudo-checkpoint '.' becomes ".json": no folder has an empty name, so no clash.
     name = "" if checkpoint == ROOT_CHECKPOINT else check_relpath(checkpoint)
     return f"{manifest_prefix(project, job_id, rank)}{name}.json"
+
+
+def global_prefix(project: str, job_id: str) -> str:
+    return f"{job_prefix(project, job_id)}manifests/global/"
+
+
+def global_key(project: str, job_id: str, checkpoint: str) -> str:
+    # Only checkpoint folders commit globally: files at the top ('.') stay each node's own.
+    return f"{global_prefix(project, job_id)}{check_relpath(checkpoint)}.json"
 
 
 def job_metadata_key(project: str, job_id: str) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -256,11 +257,15 @@ async def read_manifest(storage: Storage, key: str) -> dict[str, Any]:
     return manifest
 
 
-async def _read_one(storage: Storage, key: str, limit: asyncio.Semaphore) -> dict[str, Any] | None:
+async def read_or_skip(
+    storage: Storage, key: str, limit: asyncio.Semaphore, reader: Callable[..., Awaitable[dict[str, Any]]] | None = None
+) -> dict[str, Any] | None:
+    """The manifest at `key` (read by `reader`, `read_manifest` by default), or None when it
+    vanished or is unreadable (logged); a failing store raises."""
     log = logs.get(__name__, key=key)
     async with limit:
         try:
-            return await read_manifest(storage, key)
+            return await (reader or read_manifest)(storage, key)
         except StorageError as exc:
             if not exc.missing:  # a transient failure must not silently make "latest" older
                 raise
@@ -275,7 +280,7 @@ async def read_manifests(storage: Storage, project: str, job_id: str, rank: int)
     prefix = layout.manifest_prefix(project, job_id, rank)
     keys = [info.key async for info in storage.list(prefix) if info.key.endswith(".json")]
     limit = asyncio.Semaphore(_READ_CONCURRENCY)
-    found = await asyncio.gather(*(_read_one(storage, key, limit) for key in keys))
+    found = await asyncio.gather(*(read_or_skip(storage, key, limit) for key in keys))
     return [m for m in found if m is not None]
 
 

@@ -271,6 +271,12 @@ def _check_together(c: Config, explicit: set[str]) -> None:
         )
     if c.node_rank >= c.group_size:
         raise ConfigError(_label(SPECS["node_rank"]), f"must be below group size {c.group_size}, got {c.node_rank}")
+    if c.group_size > 1 and c.prune_enabled:
+        raise ConfigError(
+            _label(SPECS["prune_enabled"]),
+            f"not supported with group size {c.group_size}: each node would delete its own share of "
+            "checkpoints that commit across nodes; run `ckptd prune` for the job instead",
+        )
     a, b = PurePosixPath(c.checkpoint_dir), PurePosixPath(c.restore_dir)
     if a == b or a in b.parents or b in a.parents:
         raise ConfigError(

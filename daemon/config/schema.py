@@ -133,6 +133,10 @@ class Config:
     quiet_commit: float = setting("upload.quiet_commit", 60.0, "Commit a checkpoint without a marker once it has "
                                   "been quiet this long.", parse.duration(1), UPLOAD, "--quiet-commit",
                                   ("CKPTD_QUIET_COMMIT",))
+    rank_lag_alert: float = setting("upload.rank_lag_alert", 600.0, "Multi-node jobs: warn, and raise the "
+                                    "CkptdRankLagging alert, once a checkpoint has waited this long for other "
+                                    "ranks' files.", parse.duration(1), UPLOAD, "--rank-lag-alert",
+                                    ("CKPTD_RANK_LAG_ALERT",))
     rescan_interval: float = setting("upload.rescan_interval", 30.0, "Reconciliation scan period (inotify is a "
                                      "hint, not the truth).", parse.duration(1), UPLOAD, "--rescan-interval",
                                      ("CKPTD_RESCAN_INTERVAL",))

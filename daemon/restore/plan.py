@@ -136,6 +136,7 @@ def _entry(res: Resolved, folder: str, items: list[Item], root_files: int) -> di
         "files": len(items),
         "bytes": sum(i.size for i in items),
         "root_files": root_files,
+        "merged_ranks": list(res.merged_ranks),  # a multi-node checkpoint: every rank's files, merged
     }
 
 

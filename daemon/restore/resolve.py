@@ -31,6 +31,11 @@ rank (never `.`), ranked by `browse.best` on the metrics of rank 0, completed by
   the metric is what compares them; a tie goes to the later checkpoint (higher step, then later
   commit). To restrict it to one job, name the job.
 
+Multi-node jobs (globalmanifest.commits_globally: job.json says so, or a global manifest is stored):
+only globally committed checkpoints are candidates, whatever parts of others were stored,
+and each node restores the whole checkpoint merged into one folder: every rank's files, this
+node's own first where two ranks hold one path (globalmanifest.merged). Root files stay per node.
+
 A manifest that parses but lies about its files' bytes is caught when downloading (download.py).
 """
 
@@ -39,14 +44,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.catalog import browse, layout
-from daemon.catalog.manifest import latest_manifest, read_manifest
+import structlog
+
+from daemon.catalog import browse, globalmanifest, layout
+from daemon.catalog.manifest import latest_manifest, read_manifest, recency
 from daemon.config.refs import BEST, NAMED, CheckpointRef
 from daemon.storage import Storage, StorageError
 
+log = structlog.get_logger()
 JOBS_AT_ONCE = 4  # a project's jobs searched at once for the best; each reads its manifests 32 at a time
 
 
@@ -85,6 +94,7 @@ class Resolved:
     checkpoint: str
     manifest: dict[str, Any]
     root: dict[str, Any] | None = None  # the job's committed '.' (files at the top), same source rank
+    merged_ranks: tuple[int, ...] = ()  # a multi-node checkpoint: the ranks whose files it merges
 
 
 def pick_rank(rank: int, ranks_with_manifests: set[int]) -> int | None:
@@ -136,7 +146,31 @@ async def _project_of(storage: Storage, ref: CheckpointRef, default_project: str
         raise AmbiguousJob(ref, exc.projects) from None
 
 
+async def _multi_node(storage: Storage, project: str, job_id: str) -> bool:
+    return await globalmanifest.commits_globally(storage, project, job_id)
+
+
+async def _merged(storage: Storage, ref: CheckpointRef, project: str, manifest: dict[str, Any], rank: int) -> Resolved:
+    view, shadowed = globalmanifest.merged(manifest, rank)
+    if shadowed:
+        log.warning(
+            "several ranks stored these files with other bytes: this node restores its own, else the lowest rank's",
+            ref=ref.describe(),
+            checkpoint=manifest["checkpoint"],
+            paths=shadowed[:20],
+            count=len(shadowed),
+        )
+    root_rank = await _source_rank(storage, project, manifest["job_id"], rank)
+    ranks = tuple(sorted({f["rank"] for f in manifest["files"]}))
+    source = rank if root_rank is None else root_rank
+    return Resolved(ref, project, manifest["job_id"], source, manifest["checkpoint"], view, merged_ranks=ranks)
+
+
 async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job_id: str, rank: int) -> Resolved | None:
+    if await _multi_node(storage, project, job_id):
+        found = await globalmanifest.read_globals(storage, project, job_id)
+        latest = max(found, key=recency, default=None)
+        return None if latest is None else await _merged(storage, ref, project, latest, rank)
     source = await _source_rank(storage, project, job_id, rank)
     if source is None:
         return None
@@ -146,10 +180,12 @@ async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job
     return Resolved(ref, project, job_id, source, manifest["checkpoint"], manifest)
 
 
-async def _manifest_at(storage: Storage, ref: CheckpointRef, key: str) -> dict[str, Any] | None:
+async def _manifest_at(
+    storage: Storage, ref: CheckpointRef, key: str, reader: Callable[..., Awaitable[dict[str, Any]]] = read_manifest
+) -> dict[str, Any] | None:
     """The manifest at `key`; None when there is none, BadManifest when it is unusable."""
     try:
-        return await read_manifest(storage, key)  # refuses one stored under another name's key
+        return await reader(storage, key)  # refuses one stored under another name's key
     except StorageError as exc:
         if exc.missing:
             return None
@@ -160,6 +196,8 @@ async def _manifest_at(storage: Storage, ref: CheckpointRef, key: str) -> dict[s
 
 async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
     assert ref.job_id is not None and ref.checkpoint_name is not None
+    if ref.checkpoint_name != layout.ROOT_CHECKPOINT and await _multi_node(storage, project, ref.job_id):
+        return await _named_global(storage, ref, project, rank)
     source = await _source_rank(storage, project, ref.job_id, rank)
     if source is None:
         return None
@@ -171,6 +209,16 @@ async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) 
     if manifest is None:
         return None
     return Resolved(ref, project, ref.job_id, source, manifest["checkpoint"], manifest)
+
+
+async def _named_global(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
+    assert ref.job_id is not None and ref.checkpoint_name is not None
+    try:
+        key = layout.global_key(project, ref.job_id, ref.checkpoint_name)
+    except layout.UnsafePath as exc:
+        raise BadManifest(ref, "", str(exc)) from None
+    manifest = await _manifest_at(storage, ref, key, globalmanifest.read_global)
+    return None if manifest is None else await _merged(storage, ref, project, manifest, rank)
 
 
 async def _latest_of_project(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
@@ -186,7 +234,11 @@ _Candidate = tuple[browse.Checkpoint, str, int]  # checkpoint, its job, the sour
 
 
 async def _candidates(storage: Storage, project: str, job_id: str, rank: int) -> list[_Candidate]:
-    """The source rank's committed checkpoints of a job, '.' excepted, with rank 0's metrics."""
+    """The source rank's committed checkpoints of a job, '.' excepted, with rank 0's metrics; the
+    globally committed ones of a multi-node job (source rank -1: resolved by `_merged`)."""
+    if await _multi_node(storage, project, job_id):
+        found = await globalmanifest.read_globals(storage, project, job_id)
+        return [(browse.Checkpoint(m["checkpoint"], {-1: m}), job_id, -1) for m in found]
     source = await _source_rank(storage, project, job_id, rank)
     if source is None:
         return []
@@ -211,6 +263,8 @@ async def _best(storage: Storage, ref: CheckpointRef, project: str, jobs: list[s
     except browse.MissingMetric as exc:
         raise Unmatched(ref, str(exc)) from None
     _, job_id, source = next(c for c in candidates if c[0] is winner)
+    if source == -1:
+        return await _merged(storage, ref, project, winner.manifests[source], rank)
     return Resolved(ref, project, job_id, source, winner.name, winner.manifests[source])
 
 

@@ -52,28 +52,46 @@ def expects_marker(names: Iterable[str], *, top_level: bool = False) -> bool:
 
 
 def should_commit(
-    *, pending: int, marker_seen: bool, marker_expected: bool, quiet_for: float, quiet_limit: float, final: bool
+    *,
+    pending: int,
+    marker_seen: bool,
+    marker_expected: bool,
+    quiet_for: float,
+    quiet_limit: float,
+    final: bool,
+    shared: bool = False,
+    sharded: bool = False,
 ) -> str | None:
-    """The reason to commit a checkpoint now ("marker", "quiet", "final"), or None to wait.
+    """The reason to commit a checkpoint now ("marker", "quiet", "final", "part"), or None to wait.
 
-    | pending | marker_seen | marker_expected | quiet_for >= quiet_limit | final | result   |
-    |---------|-------------|-----------------|--------------------------|-------|----------|
-    | > 0     | any         | any             | any                      | any   | None     |
-    | 0       | yes         | any             | any                      | any   | "marker" |
-    | 0       | no          | yes             | any                      | any   | None     |
-    | 0       | no          | no              | yes                      | any   | "quiet"  |
-    | 0       | no          | no              | no                       | yes   | "final"  |
-    | 0       | no          | no              | no                       | no    | None     |
+    | pending | marker_seen | marker_expected | shared | sharded | quiet_for >= quiet_limit | final | result   |
+    |---------|-------------|-----------------|--------|---------|--------------------------|-------|----------|
+    | > 0     | any         | any             | any    | any     | any                      | any   | None     |
+    | 0       | yes         | any             | any    | any     | any                      | any   | "marker" |
+    | 0       | no          | yes             | no     | any     | any                      | any   | None     |
+    | 0       | no          | yes             | yes    | yes     | any                      | any   | "part"   |
+    | 0       | no          | yes             | yes    | no      | yes                      | any   | "part"   |
+    | 0       | no          | yes             | yes    | no      | no                       | yes   | "part"   |
+    | 0       | no          | yes             | yes    | no      | no                       | no    | None     |
+    | 0       | no          | no              | any    | any     | yes                      | any   | "quiet"  |
+    | 0       | no          | no              | any    | any     | no                       | yes   | "final"  |
+    | 0       | no          | no              | any    | any     | no                       | no    | None     |
 
     A missing expected marker means an interrupted save: its files stay stored but it is never
     committed, so it is never restored as "latest" (transformers #35782), not even at a clean exit.
+    `shared`: a multi-node job, where the marker may be on another node. This node's files are then
+    a "part", for the cross-rank commit (crossrank.py) to judge: at once when `sharded` (DCP shards
+    only, which the coordinator's `.metadata` names: a part missing one cannot commit globally),
+    else once quiet, or at the trainer's successful exit.
     """
     if pending > 0:
         return None
     if marker_seen:
         return "marker"
     if marker_expected:
-        return None
+        if not shared:
+            return None
+        return "part" if sharded or quiet_for >= quiet_limit or final else None
     if quiet_for >= quiet_limit:
         return "quiet"
     return "final" if final else None
@@ -121,9 +139,10 @@ class CheckpointTracker:
     the caller writes the manifest from `files(cp)` and `metrics(cp)` and then calls `committed`.
     """
 
-    def __init__(self, markers: tuple[str, ...], quiet_limit: float) -> None:
+    def __init__(self, markers: tuple[str, ...], quiet_limit: float, *, shared: bool = False) -> None:
         self.markers = tuple(markers)
         self.quiet_limit = quiet_limit
+        self.shared = shared  # a multi-node job: see should_commit
         self.last_commit: LastCommit | None = None
         self._checkpoints: dict[str, _Checkpoint] = {}
 
@@ -247,13 +266,16 @@ class CheckpointTracker:
         if state.committed or not state.stored or state.unstorable:
             return None
         names = [*state.stored, *state.pending]
+        top = checkpoint == ROOT_CHECKPOINT
         return should_commit(
             pending=len(state.pending),
             marker_seen=self.marker_seen(checkpoint),
-            marker_expected=expects_marker(names, top_level=checkpoint == ROOT_CHECKPOINT),
+            marker_expected=expects_marker(names, top_level=top),
             quiet_for=now - state.last_activity,
             quiet_limit=self.quiet_limit,
             final=final,
+            shared=self.shared and not top,  # files at the top stay each node's own
+            sharded=all(name.endswith(".distcp") for name in names),
         )
 
     def due(self, now: float, final: bool = False) -> list[tuple[str, str]]:

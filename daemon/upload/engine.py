@@ -17,11 +17,12 @@ from daemon import exits, metrics, priority
 from daemon.catalog import layout
 from daemon.config import Config
 from daemon.files import free_bytes
-from daemon.storage import Storage
+from daemon.storage import Storage, StorageError
 from daemon.storage.retry import Deadline
 from daemon.upload import diskpressure, recover, statedir
 from daemon.upload import journal as jr
 from daemon.upload.commit import CheckpointTracker
+from daemon.upload.crossrank import CrossRank
 from daemon.upload.detect import Detector
 from daemon.upload.health import StoreHealth
 from daemon.upload.intake import Intake
@@ -67,8 +68,12 @@ class Engine:
         self.staging = Staging(staging_dir(root, c.node_rank))
         self.journal = jr.Journal(journal_path(root, c.node_rank))
         self.queue = UploadQueue(c.multipart_threshold)
-        self.tracker = CheckpointTracker(c.markers, c.quiet_commit)
+        self.tracker = CheckpointTracker(c.markers, c.quiet_commit, shared=c.group_size > 1)
         self.publisher = Publisher(c, storage, self.tracker, self.deadline, self.health)
+        self.crossrank = None
+        if c.group_size > 1:  # checkpoints commit globally once every rank's part is stored
+            self.crossrank = CrossRank(c, storage, self.deadline, self.health, self._has_files)
+            self.publisher.on_part = self.crossrank.wake
         self.retainer = None
         if c.prune_enabled:  # deletes under the commit lock; the tracker hears what it deleted
             lock, gone = self.publisher.commit_lock, self.tracker.pruned
@@ -129,6 +134,7 @@ class Engine:
             tasks=self.tasks,
             journal=self.journal,
             unlistable=lambda: self.intake.unlistable,
+            crossrank=self.crossrank,
         )
 
     def key(self, relpath: str) -> str:
@@ -138,6 +144,10 @@ class Engine:
         """Checkpoints with a file not yet stored (settling, queued, in flight, failed) or not committed."""
         files = [*self.intake.settler.settling(), *(j.relpath for j in self.queue.pending())]
         return {layout.checkpoint_of(relpath) for relpath in files} | set(self.tracker.uncommitted())
+
+    def _has_files(self, checkpoint: str) -> bool:
+        """Whether this node holds files of `checkpoint`: stored, or on their way (crossrank.py)."""
+        return bool(self.tracker.files(checkpoint)) or checkpoint in self._busy()
 
     def lower_priority(self) -> dict:
         """Lower this process's priority, except the detector's threads, which pin files that
@@ -160,6 +170,8 @@ class Engine:
             for i in range(count):
                 self.tasks.spawn(lambda lane=lane: self.uploader.run(lane), f"upload-{lane}-{i}")
         self.tasks.spawn(self.publisher.run, "commit")
+        if self.crossrank is not None:
+            self.tasks.spawn(self.crossrank.run, "cross-rank-commit")
         if self.retainer is not None:
             self.tasks.spawn(self.retainer.run, "retain")
         self.tasks.every(c.rescan_interval, self.intake.rescan, "rescan")
@@ -229,6 +241,7 @@ class Engine:
             await asyncio.sleep(DRAIN_POLL)
         succeeded = exit_code in (None, exits.OK)
         await self.publisher.commit_due(final=success)
+        await self._last_cross_rank_check()
         if self.retainer is not None:  # the last commits' retention, before the tasks are cancelled
             await self.retainer.final(self.deadline)
         # Taken before cancelling: a cancelled upload leaves the queue, not the list of what is missing.
@@ -255,6 +268,15 @@ class Engine:
             still_being_written=report.still_writing[:20],
         )
         return report
+
+    async def _last_cross_rank_check(self) -> None:
+        """This node's last parts may complete a checkpoint: the last node to write one commits it."""
+        if self.crossrank is None:
+            return
+        try:
+            await self.crossrank.check()
+        except StorageError as e:
+            log.error("checkpoints not committed globally: the store failed", code=e.code, error=e.message)
 
     async def _final_metadata(self, report: Report, exit_code: int | None, status: str) -> None:
         # A short last chance, shorter still when the store is known to be unreachable.

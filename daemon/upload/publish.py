@@ -16,6 +16,7 @@ import structlog
 
 from daemon import metrics
 from daemon.catalog import jobmeta, layout
+from daemon.catalog.globalmanifest import PART
 from daemon.catalog.layout import ROOT_CHECKPOINT
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config import Config
@@ -45,6 +46,7 @@ class Publisher:
         self._unprovable: set[str] = set()  # warned about once
         self._reuploads: dict[str, int] = {}  # checkpoint -> times its lost files went back to intake
         self.on_commit: Callable[[str], None] | None = None  # told each checkpoint committed (retention)
+        self.on_part: Callable[[], None] | None = None  # told each manifest written (crossrank.py)
         # Given the stored files the store lost (not pruned): drops their stored records and
         # queues them again (Intake.again). Without it they wait for the next start.
         self.on_lost: Callable[[list[StoredFile]], Awaitable[None]] | None = None
@@ -164,6 +166,11 @@ class Publisher:
         if not self.tracker.committed(checkpoint, time.monotonic(), step=step, committed_at=committed_at):
             return  # a file changed while the manifest was written: it comes due again
         self._reuploads.pop(checkpoint, None)
+        if self.on_part is not None:
+            self.on_part()
+        if reason == PART:  # a share of a multi-node checkpoint: crossrank.py commits the whole
+            log.info("checkpoint part stored", checkpoint=checkpoint, files=len(files), bytes=manifest["total_bytes"])
+            return
         metrics.COMMITTED.inc()
         metrics.LAST_COMMIT_TIME.set(time.time())
         if step is not None:
@@ -189,6 +196,9 @@ class Publisher:
             if not self.tracker.listed(relpath):
                 return
             key = layout.manifest_key(c.project, c.job_id, c.node_rank, checkpoint)
+            if c.group_size > 1 and checkpoint != ROOT_CHECKPOINT:  # the global one lists it too, first
+                whole = layout.global_key(c.project, c.job_id, checkpoint)
+                await self._retrying(lambda: self.storage.delete(whole))
             await self._retrying(lambda: self.storage.delete(key))
             self.tracker.withdrawn(checkpoint)
         log.info("manifest withdrawn until the changed file is stored", checkpoint=checkpoint, path=relpath)

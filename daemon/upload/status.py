@@ -14,6 +14,7 @@ from daemon.files import free_bytes
 from daemon.metrics import Backlog
 from daemon.storage.retry import Deadline
 from daemon.upload.commit import CheckpointTracker
+from daemon.upload.crossrank import CrossRank
 from daemon.upload.detect import Detector
 from daemon.upload.health import StoreHealth
 from daemon.upload.journal import Journal
@@ -41,10 +42,12 @@ class UploadStatus:
         tasks: Tasks,
         journal: Journal,
         unlistable: Callable[[], dict[str, str]],
+        crossrank: CrossRank | None = None,
     ) -> None:
         self.root, self.storage_url, self.queue, self.settler, self.tracker = root, storage_url, queue, settler, tracker
         self.uploader, self.health, self.detector, self.deadline = uploader, health, detector, deadline
         self.tasks, self.journal, self.unlistable = tasks, journal, unlistable
+        self.crossrank = crossrank
 
     def backlog(self) -> Backlog:
         """Complete files not yet stored: queued, in flight, or failed and waiting for a retry."""
@@ -80,6 +83,8 @@ class UploadStatus:
             "last_errors": list(self.health.recent),
             "last_commit": {"checkpoint": last.checkpoint, "reason": last.reason} if last else None,
             "uncommitted": self.tracker.uncommitted()[:LISTED],
+            # Multi-node jobs: checkpoints whose parts on other ranks are missing, oldest first.
+            "waiting_for_ranks": self.crossrank.status()[:LISTED] if self.crossrank else [],
             "unstorable": self.tracker.unstorable_files()[:LISTED],
             "watch_mode": self.detector.mode,
             "watch_degraded": self.detector.degraded_reason,

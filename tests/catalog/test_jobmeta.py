@@ -88,7 +88,13 @@ async def test_job_object_is_written_once(store):
     assert (
         first
         == again
-        == {"project": "proj", "job_id": "job", "created_at": "2026-01-01T00:00:00+00:00", "group_size": 2}
+        == {
+            "project": "proj",
+            "job_id": "job",
+            "created_at": "2026-01-01T00:00:00+00:00",
+            "group_size": 2,
+            "global_commit": True,
+        }
     )
 
 

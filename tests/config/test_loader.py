@@ -228,3 +228,11 @@ def test_two_references_to_one_checkpoint_are_one_and_two_sources_of_one_name_ar
     assert len(load({"checkpoints": same}, ENV).checkpoints) == 2  # restore/plan.py makes them one unit
     with pytest.raises(ConfigError, match="two references would land on rank-N/checkpoint-10/"):
         load({"checkpoints": "job=src,checkpoint=checkpoint-10;job=other,checkpoint=checkpoint-10"}, ENV)
+
+
+def test_retention_while_training_is_refused_for_a_multi_node_job():
+    # Each node would delete its own share of checkpoints that commit across nodes (issue 14).
+    args = {"group_size": 2, "job_id": "j", "prune_enabled": True}
+    with pytest.raises(ConfigError, match=r"retention\.enabled .*group size 2.*ckptd prune"):
+        load(args, ENV)
+    assert load({**args, "prune_enabled": False}, ENV).group_size == 2

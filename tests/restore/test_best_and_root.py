@@ -14,6 +14,7 @@ from test_restorer import run, tree
 
 from daemon.catalog import layout
 from daemon.catalog.jobmeta import ensure_job
+from daemon.catalog.jsonio import json_bytes
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config.refs import BEST, LATEST, NAMED, CheckpointRef
 from daemon.restore.resolve import BadManifest, Unmatched, resolve
@@ -52,7 +53,9 @@ async def sweep(store):
     """proj/job-a (older): rank 0 logs eval_loss/eval_acc, rank 1 logs nothing; both saved a tokenizer.
     proj/job-b (newer): eval_loss only, a tie between its two checkpoints; no root files.
     proj/job-c (newest): one checkpoint without metrics."""
-    await ensure_job(store, "proj", "job-a", 2, created_at=T0)
+    # Two nodes of an earlier ckptd, each committing its own checkpoints: no global_commit in job.json.
+    job_a = {"project": "proj", "job_id": "job-a", "created_at": T0.isoformat(), "group_size": 2}
+    await store.put(layout.job_metadata_key("proj", "job-a"), json_bytes(job_a))
     for n, (loss, acc) in enumerate([(0.9, 0.1), (0.5, 0.3), (0.7, 0.2)], 1):
         name = f"checkpoint-{n * 10}"
         await save(store, "job-a", 0, name, weights("job-a", 0, name), T0 + n * HOUR, eval_loss=loss, eval_acc=acc)

@@ -73,6 +73,44 @@ def test_should_commit(pending, marker_seen, marker_expected, quiet_for, final, 
     assert reason == expected
 
 
+@pytest.mark.parametrize(
+    "pending, marker_seen, marker_expected, sharded, quiet_for, final, expected",
+    [
+        (1, False, True, True, 99.0, True, None),  # a share still storing
+        (0, True, True, True, 0.0, False, "marker"),  # the coordinator's node
+        (0, False, True, True, 0.0, False, "part"),  # DCP shards: the coordinator's .metadata names them
+        (0, False, True, False, QUIET, False, "part"),  # other writers' shares: once quiet
+        (0, False, True, False, 29.9, True, "part"),  # or at the trainer's successful exit
+        (0, False, True, False, 29.9, False, None),
+        (0, False, False, False, QUIET, False, "quiet"),  # no marker anywhere: as on one node
+    ],
+)
+def test_should_commit_a_share_of_a_multi_node_checkpoint(
+    pending, marker_seen, marker_expected, sharded, quiet_for, final, expected
+):
+    reason = should_commit(
+        pending=pending,
+        marker_seen=marker_seen,
+        marker_expected=marker_expected,
+        quiet_for=quiet_for,
+        quiet_limit=QUIET,
+        final=final,
+        shared=True,
+        sharded=sharded,
+    )
+    assert reason == expected
+
+
+def test_a_node_of_a_multi_node_job_commits_its_dcp_shards_as_a_part():
+    tracker = CheckpointTracker(DEFAULT_MARKERS, QUIET, shared=True)
+    write(tracker, 0.0, "step-3/__2_0.distcp", "step-3/__3_0.distcp", "ckptd-notes.txt")
+    assert tracker.due(0.0) == [("step-3", "part")]  # the root files commit per node, on quiet
+    assert tracker.due(QUIET, final=False) == [(".", "quiet"), ("step-3", "part")]
+    single = CheckpointTracker(DEFAULT_MARKERS, QUIET)
+    write(single, 0.0, "step-3/__2_0.distcp")
+    assert single.due(99.0, final=True) == []  # one node: shards without .metadata never commit
+
+
 def test_hugging_face_checkpoint_commits_when_trainer_state_is_stored(tracker):
     write(tracker, 0.0, "checkpoint-5/training_args.bin", "checkpoint-5/model.safetensors", "checkpoint-5/optimizer.pt")
     assert tracker.due(100.0, final=True) == []

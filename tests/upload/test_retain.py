@@ -138,20 +138,6 @@ async def test_a_missing_metric_fails_the_pass_and_deletes_nothing_until_recorde
     assert await names(store) == await folders(store) == [f"checkpoint-{s}" for s in (1, 2, 3, 6)]
 
 
-async def test_a_rank_without_metrics_ranks_by_the_rank_that_records_them(tmp_path, store):
-    losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.7}
-    for step, loss in losses.items():
-        await save(store, 0, step, loss=loss)  # rank 0 evaluates, as an HF Trainer's main process does
-        await save(store, 1, step)
-    c = config(tmp_path, f"file://{tmp_path}/unused", prune_enabled="true", keep_best="1", metric="eval_loss",
-               node_rank="1", group_size="2", job_id=J)  # fmt: skip
-    r = Retainer(c, store, lambda: set())
-    r.committed("checkpoint-4")
-    await r.apply(Deadline.after(10))
-    assert await names(store, 1) == await folders(store, 1) == ["checkpoint-2", "checkpoint-4"]  # best, latest
-    assert await names(store, 0) == [f"checkpoint-{s}" for s in losses]  # rank 0's are its own to prune
-
-
 class DenyingDeletes(LocalStorage):
     deny = True
 
