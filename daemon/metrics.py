@@ -55,7 +55,9 @@ COMMITTED = Counter("ckptd_checkpoints_committed", "Checkpoints committed", regi
 LAST_COMMIT_TIME = Gauge("ckptd_last_commit_timestamp_seconds", "Unix time of the last commit", registry=REGISTRY)
 LAST_COMMITTED_STEP = Gauge("ckptd_last_committed_step", "Step of the last committed checkpoint", registry=REGISTRY)
 GLOBAL_COMMITTED = Counter(
-    "ckptd_global_commits", "Checkpoints of a multi-node job this node committed globally", registry=REGISTRY
+    "ckptd_global_commits",
+    "Checkpoints of a multi-node job committed globally (every rank's part stored) that this node took part in",
+    registry=REGISTRY,
 )
 GLOBAL_WAITING = Gauge(
     "ckptd_checkpoints_waiting_for_ranks",

@@ -83,6 +83,7 @@ class Waiting:
     since: float  # unix time of its first part: how long the other ranks are lagging
     missing: list[str]
     ranks: list[int]
+    step: int | None = None
     warned: bool = False  # the lag warning (upload.rank_lag_alert) is logged once per checkpoint
 
 
@@ -99,6 +100,7 @@ class CrossRank:
         self.has_files = has_files  # whether this node holds (or is storing) files of a checkpoint
         self.waiting: dict[str, Waiting] = {}
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._parts: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (etag, manifest)
         self._named: dict[str, set[str] | None] = {}  # sha256 of a `.metadata` -> what it names
         self._settled: dict[str, tuple[str, ...]] = {}  # checkpoint -> etags its global was checked at
@@ -124,6 +126,10 @@ class CrossRank:
 
     async def check(self) -> None:
         """Commit globally every checkpoint whose parts are complete; note what the others wait for."""
+        async with self._lock:  # the drain's last check may come while the loop's is running
+            await self._check()
+
+    async def _check(self) -> None:
         parts, globals_ = await self._retrying(lambda: self._listing())
         for checkpoint in sorted(parts):
             infos, done = parts[checkpoint], globals_.get(checkpoint)
@@ -132,7 +138,8 @@ class CrossRank:
                 continue  # committed, and nothing changed since
             if done is not None and all(i.last_modified < done.last_modified for i in infos.values()):
                 self._settled[checkpoint] = seen  # written after every part it could list
-                self.waiting.pop(checkpoint, None)
+                if (waited := self.waiting.pop(checkpoint, None)) is not None:
+                    _count_commit(waited.step)  # another node finished what this one waited for
                 continue
             await self._one(checkpoint, {r: i.etag for r, i in infos.items()}, done is not None, seen)
         for checkpoint in set(self.waiting) - set(parts):
@@ -187,14 +194,15 @@ class CrossRank:
             if checkpoint not in self.waiting:
                 log.info("checkpoint waits for other ranks", checkpoint=checkpoint, missing=missing[:20])
             warned = checkpoint in self.waiting and self.waiting[checkpoint].warned
-            self.waiting[checkpoint] = Waiting(first, missing, sorted(parts), warned)
+            step = next((p["step"] for p in parts.values() if p["step"] is not None), None)
+            self.waiting[checkpoint] = Waiting(first, missing, sorted(parts), step, warned)
             return
         manifest = build_global(c.project, c.job_id, checkpoint, c.group_size, parts, reason)
         wrote = await self._retrying(lambda: write_global(self.storage, manifest))
-        self.waiting.pop(checkpoint, None)
+        if self.waiting.pop(checkpoint, None) is not None or wrote:
+            _count_commit(manifest["step"])
         self._settled[checkpoint] = seen  # one more look once the listing shows the global written
         if wrote:
-            metrics.GLOBAL_COMMITTED.inc()
             log.info(
                 "checkpoint committed globally",
                 checkpoint=checkpoint,
@@ -281,6 +289,16 @@ class CrossRank:
 
     async def _retrying(self, call):
         return await retrying(call, deadline=self.deadline, observe=self.health.observe)
+
+
+def _count_commit(step: int | None) -> None:
+    """A checkpoint this node holds a part of (or completed) is committed: in a multi-node job,
+    these are the commit metrics (publish.py leaves them to this module)."""
+    metrics.GLOBAL_COMMITTED.inc()
+    metrics.COMMITTED.inc()
+    metrics.LAST_COMMIT_TIME.set(time.time())
+    if step is not None:
+        metrics.LAST_COMMITTED_STEP.set(step)
 
 
 async def _any(storage: Storage, prefix: str) -> bool:

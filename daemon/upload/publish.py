@@ -16,7 +16,6 @@ import structlog
 
 from daemon import metrics
 from daemon.catalog import jobmeta, layout
-from daemon.catalog.globalmanifest import PART
 from daemon.catalog.layout import ROOT_CHECKPOINT
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config import Config
@@ -168,8 +167,14 @@ class Publisher:
         self._reuploads.pop(checkpoint, None)
         if self.on_part is not None:
             self.on_part()
-        if reason == PART:  # a share of a multi-node checkpoint: crossrank.py commits the whole
-            log.info("checkpoint part stored", checkpoint=checkpoint, files=len(files), bytes=manifest["total_bytes"])
+        if c.group_size > 1 and checkpoint != ROOT_CHECKPOINT:  # a share: crossrank.py commits the whole
+            log.info(
+                "checkpoint part stored",
+                checkpoint=checkpoint,
+                reason=reason,
+                files=len(files),
+                bytes=manifest["total_bytes"],
+            )
             return
         metrics.COMMITTED.inc()
         metrics.LAST_COMMIT_TIME.set(time.time())

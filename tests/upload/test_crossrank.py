@@ -93,8 +93,11 @@ async def test_a_dcp_checkpoint_commits_once_every_shard_its_metadata_names_is_s
     await save_part(
         store, 0, {"__0_0.distcp": b"zero", ".metadata": dcp_metadata("__0_0.distcp", "__1_0.distcp")}, "marker"
     )
+    commits = counter("ckptd_global_commits_total")
     with capture_logs() as logs:
         await zero.check()  # the node whose part came last finishes the commit
+    assert counter("ckptd_global_commits_total") == commits + 1
+    assert counter("ckptd_last_committed_step") == 3
     manifest = await global_of(store)
     assert manifest is not None and manifest["reason"] == "shards"
     assert sorted((f["rank"], f["path"]) for f in manifest["files"]) == [
@@ -106,6 +109,7 @@ async def test_a_dcp_checkpoint_commits_once_every_shard_its_metadata_names_is_s
         await zero.check()
     assert not [e for e in logs if e["event"] == "checkpoint committed globally"]
     assert one.status() == [] and counter(WAITING) == 0 and counter(OLDEST) == 0
+    assert counter("ckptd_global_commits_total") == commits + 2  # node 1 waited for it: its commit too
 
 
 @in_every_store
