@@ -7,7 +7,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,10 @@ DCP_TORCHRUN = [
     "0.1",
     str(TRAINERS / "dcp_train.py"),
 ]
+
+# Several nodes: every node runs `torchrun` of this script, all of them one job (gloo, a DTensor
+# sharded across every process of every node); see dcp_nodes_torchrun.
+DCP_NODES_TRAIN = TRAINERS / "dcp_nodes_train.py"
 
 INSTALL = "pip install torch==2.13.0 (first: the CPU build), then pip install transformers accelerate"
 
@@ -78,6 +87,10 @@ class Job:
     def local_files(self, checkpoint: str) -> dict[str, str]:
         """relpath -> SHA-256 of the files of one checkpoint still in the checkpoint folder."""
         return files_under(self.ckpt, checkpoint)
+
+    def local_sizes(self, checkpoint: str) -> dict[str, tuple[int, str]]:
+        """relpath -> (size, SHA-256) of the files of one checkpoint in the checkpoint folder."""
+        return {path: ((self.ckpt / path).stat().st_size, sha) for path, sha in self.local_files(checkpoint).items()}
 
     def restored_files(self) -> dict[str, str]:
         """relpath -> SHA-256 of everything restored for this node (under loaded/rank-N/)."""
@@ -216,3 +229,80 @@ def of_checkpoint(files: dict[str, str], checkpoint: str) -> dict[str, str]:
 
 def manifest_files(manifest: dict) -> dict[str, str]:
     return {f["path"]: f["sha256"] for f in manifest["files"]}
+
+
+def ckptd_json(bucket: S3Bucket, *args: str, timeout: float = 60) -> Any:
+    """A `ckptd` command that prints JSON (e.g. `ls ... --json`) against the bucket: its output, parsed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", *args, *s3_args(bucket)],
+        env={**base_env(), **bucket.server.env()},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"ckptd {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dcp_nodes_torchrun(nodes: int, node_rank: int, port: int, procs: int = 2) -> list[str]:
+    """One node's command of a DCP job on `nodes` nodes of `procs` processes (gloo) on this machine:
+    static rendezvous at 127.0.0.1:`port` (node 0 serves it), or --standalone for one node."""
+    if nodes == 1:
+        where = ["--standalone"]
+    else:
+        where = ["--nnodes", str(nodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1"]
+        where += ["--master-port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        "--nproc-per-node",
+        str(procs),
+        "--monitor-interval",
+        "0.1",
+        str(DCP_NODES_TRAIN),
+    ]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (parents first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        one = todo.pop(0)
+        tree.append(one)
+        todo.extend(children.get(one, []))
+    return tree
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and all its descendants (collected first: once a parent dies, its orphans are
+    no longer found under it), wherever their process groups or sessions are. Returns the pids."""
+    tree = process_tree(pid)
+    for one in tree:
+        try:
+            os.kill(one, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def logged_at(event: dict) -> datetime:
+    """When ckptd logged a JSON line (its ISO 8601 UTC `timestamp`)."""
+    return datetime.fromisoformat(event["timestamp"])

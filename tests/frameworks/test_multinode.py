@@ -1,6 +1,10 @@
-"""Two nodes: one `ckptd run` per node (same job id, --node-rank 0/1, --group-size 2, each its own
-checkpoint folder, one store), each node's trainer saving its own state with `dcp.save` (the
-plain-process mode of tests/frameworks/trainers/dcp_train.py, seeded by BT_NODE_RANK).
+"""Two nodes each saving on its own: one `ckptd run` per node (same job id, --node-rank 0/1,
+--group-size 2, each its own checkpoint folder, one store), each node's trainer saving its own state
+with `dcp.save` and no process group across nodes (the plain-process mode of
+tests/frameworks/trainers/dcp_train.py, seeded by BT_NODE_RANK). Both nodes write `step-N/.metadata`
+and `step-N/__0_0.distcp` with their own bytes: each step still commits globally, and each node
+restores its own rank's files (globalmanifest.merged). One process group across nodes is
+tests/frameworks/test_multinode_dcp.py.
 """
 
 from __future__ import annotations

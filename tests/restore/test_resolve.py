@@ -11,6 +11,7 @@ import pytest
 from daemon.catalog import layout
 from daemon.catalog.browse import job_order_key
 from daemon.catalog.jobmeta import ensure_job
+from daemon.catalog.jsonio import json_bytes
 from daemon.catalog.manifest import StoredFile, build_manifest, write_manifest
 from daemon.config.refs import LATEST, NAMED, CheckpointRef
 from daemon.restore.plan import Conflict, Item, UnsafeManifest, plan
@@ -50,7 +51,8 @@ async def manifest_only(storage, project: str, job: str, rank: int, checkpoint: 
 
 @pytest.fixture
 async def history(store):
-    """proj: job-a (older, rank 0 only), job-b (newer, ranks 0 and 1), job-c (newest, nothing committed).
+    """proj: job-a (older, rank 0 only), job-b (newer, ranks 0 and 1, each its own commits), job-c (newest,
+    nothing committed).
     other: job-d. Which of a job's checkpoints is its latest is manifest.latest_manifest's business."""
     hour = timedelta(hours=1)
     await ensure_job(store, "proj", "job-a", 1, created_at=T0)
@@ -58,7 +60,9 @@ async def history(store):
     await manifest_only(store, "proj", "job-a", 0, "checkpoint-100", T0 + 2 * hour)
     # Stored but never committed (a save cut short): never a candidate.
     await store.put(layout.file_key("proj", "job-a", 0, "checkpoint-300/model.bin"), b"partial")
-    await ensure_job(store, "proj", "job-b", 2, created_at=T0 + 10 * hour)
+    # Two nodes of an earlier ckptd, each committing its own checkpoints (no global_commit):
+    job_b = {"project": "proj", "job_id": "job-b", "created_at": (T0 + 10 * hour).isoformat(), "group_size": 2}
+    await store.put(layout.job_metadata_key("proj", "job-b"), json_bytes(job_b))
     await manifest_only(store, "proj", "job-b", 0, "checkpoint-5", T0 + 11 * hour)
     await manifest_only(store, "proj", "job-b", 0, "checkpoint-7", T0 + 12 * hour)
     await manifest_only(store, "proj", "job-b", 1, "checkpoint-5", T0 + 11 * hour)

@@ -162,6 +162,7 @@ async def test_summary_file(source, out):
                 "files": 5,
                 "bytes": sum(map(len, FILES.values())),
                 "root_files": 0,
+                "merged_ranks": [],
             }
         ]
     )
