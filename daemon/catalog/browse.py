@@ -150,38 +150,65 @@ def _number(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One committed checkpoint of a job: the manifests its ranks committed, by rank."""
+    """One committed checkpoint of a job: the manifests its ranks committed, by rank.
+
+    For a multi-node job (see daemon.catalog.jobview) a checkpoint commits globally: `whole` is its
+    global manifest, which then says what it is (step, commit time, size, metrics, files), and
+    `manifests` are the ranks' parts, which a prune deletes with it. A checkpoint with parts but
+    no global manifest is not committed, and is no Checkpoint with `whole`.
+    """
 
     name: str
     manifests: dict[int, dict[str, Any]]
+    whole: dict[str, Any] | None = None
 
     @property
     def ranks(self) -> list[int]:
-        return sorted(self.manifests)
+        """The ranks with a manifest of it, and those whose files its global manifest lists."""
+        listed = {f["rank"] for f in self.whole["files"]} if self.whole is not None else set()
+        return sorted(listed | set(self.manifests))
 
     @property
     def step(self) -> int | None:
+        if self.whole is not None:
+            return self.whole["step"]
         return next((m["step"] for _, m in sorted(self.manifests.items()) if m["step"] is not None), None)
 
     @property
     def committed_at(self) -> str:
+        if self.whole is not None:
+            return self.whole["committed_at"]
         return max((m["committed_at"] for m in self.manifests.values()), key=_stamp)
 
     @property
     def total_bytes(self) -> int:
+        if self.whole is not None:
+            return self.whole["total_bytes"]
         return sum(m["total_bytes"] for m in self.manifests.values())
 
     @property
     def file_count(self) -> int:
+        if self.whole is not None:
+            return self.whole["file_count"]
         return sum(m["file_count"] for m in self.manifests.values())
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """The lowest rank's metrics, completed by the other ranks' (trainers log them on rank 0)."""
+        """The global manifest's metrics; else the lowest rank's, completed by the other ranks'
+        (trainers log them on rank 0)."""
+        if self.whole is not None:
+            return dict(self.whole["metrics"])
         merged: dict[str, Any] = {}
         for _, m in sorted(self.manifests.items(), reverse=True):
             merged.update(m["metrics"])
         return merged
+
+    def files_of(self, rank: int) -> list[dict[str, Any]]:
+        """The file entries of one rank (path, size, sha256, key, etag) it commits."""
+        if self.whole is not None:
+            return [{k: v for k, v in f.items() if k != "rank"} for f in self.whole["files"] if f["rank"] == rank]
+        manifest = self.manifests.get(rank)
+        return list(manifest["files"]) if manifest is not None else []
 
     def metric(self, name: str) -> float | None:
         """The metric as a finite number, or None when it is missing or not a number."""
@@ -300,16 +327,27 @@ async def stored_folders(storage: Storage, project: str, job_id: str) -> dict[in
     return {r: sorted(n for n in names if layout.is_segment(n)) for r, names in zip(ranks, found, strict=True)}
 
 
-async def job_usage(storage: Storage, project: str, job_id: str) -> dict[str, Any]:
+async def job_usage(storage: Storage, project: str, job_id: str, *, commits_globally: bool = False) -> dict[str, Any]:
     """What one paginated listing of the job tells without reading any object:
-    {ranks, files, bytes (checkpoint files of every rank), checkpoints (names with a manifest)}."""
+    {ranks, files, bytes (checkpoint files of every rank), checkpoints (names committed)}.
+
+    Committed: with a manifest; for a multi-node job (`commits_globally`, as
+    globalmanifest.commits_globally says, or global manifests stored), with a global manifest,
+    and '.' with a rank's manifest (root files stay each node's).
+    """
     prefix = layout.job_prefix(project, job_id)
+    wholes_at = layout.global_prefix(project, job_id)
     ranks: set[int] = set()
     committed: set[str] = set()
+    wholes: set[str] = set()
     files = size = 0
     async for info in storage.list(prefix):
         rest = info.key[len(prefix) :]
-        if rest.startswith("manifests/"):
+        if info.key.startswith(wholes_at):
+            name = info.key[len(wholes_at) :].removesuffix(".json")
+            if info.key.endswith(".json") and layout.is_segment(name):
+                wholes.add(name)
+        elif rest.startswith("manifests/"):
             m = _MANIFEST_NAME.fullmatch(rest[len("manifests/") :])
             if m and (not m.group(2) or layout.is_segment(m.group(2))):
                 committed.add(m.group(2) or layout.ROOT_CHECKPOINT)
@@ -317,4 +355,6 @@ async def job_usage(storage: Storage, project: str, job_id: str) -> dict[str, An
             ranks.add(parsed.rank)
             files += 1
             size += info.size
+    if commits_globally or wholes:
+        committed = wholes | (committed & {layout.ROOT_CHECKPOINT})
     return {"ranks": sorted(ranks), "files": files, "bytes": size, "checkpoints": len(committed)}

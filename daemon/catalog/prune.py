@@ -1,26 +1,20 @@
 """Deleting checkpoints from the store, in an order that never leaves a lie behind.
 
 Per checkpoint: a pruning record per rank first (`jobs/{job}/pruning/rank-N/{checkpoint}.json`),
-then on every rank a tombstone and its manifest (from here on it is not "committed": restore and
-`ls` no longer see it), then its files (`rank-N/{checkpoint}/`, the trailing '/' so that
-checkpoint-1 never matches checkpoint-10), then the records. A prune stopped anywhere (a crash, a
-store that fails) leaves its records behind and the next prune finishes them first, so no file is
-orphaned forever.
+then, for a multi-node job, its global manifest (from here on restore no longer sees it), then on
+every rank a tombstone and its manifest (from here on it is not "committed": restore and `ls` no
+longer see it), then its files (`rank-N/{checkpoint}/`, the trailing '/' so that checkpoint-1
+never matches checkpoint-10), then the records. A prune stopped anywhere (a crash, a store that
+fails) leaves its records behind and the next prune finishes them first, so no file is orphaned
+forever; when and how is daemon.catalog.prunerecords'.
 
 The tombstone (`jobs/{job}/pruned/rank-N/{checkpoint}.json`) stays: what the manifest listed
 (path, key, size, sha256), committed_at and pruned_at, so that a daemon restarted on the same
 folder, whose journal says these files are stored, neither commits nor uploads them again.
 
-A record is finished only while the checkpoint is still the one it recorded: when that rank has
-committed the checkpoint again since (another manifest, another commit time), the record is dropped
-and the new checkpoint left alone. Finishing deletes only the files stored no later than the record
-itself: a file stored after it is a re-save of the same name (the trainer saved it again after the
-manifest went), not one the stopped prune was deleting, and it is kept. A record that cannot be read
-says nothing about what it was deleting, so it is dropped and nothing else goes (see
-`resume_action`).
-
-Whole job: a job record (`pruning/job.json`), incomplete multipart uploads aborted, manifests
-deleted, then everything else under the job's prefix, the record last.
+Whole job: a job record (`pruning/job.json`), incomplete multipart uploads aborted, global
+manifests deleted, then the ranks' manifests, then everything else under the job's prefix, the
+record last.
 """
 
 from __future__ import annotations
@@ -31,13 +25,25 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from daemon import logs
-from daemon.catalog import browse, layout
+from daemon.catalog import browse, jobview, layout
 from daemon.catalog.browse import Checkpoint
 from daemon.catalog.jsonio import json_bytes, read_object, utc_now
 from daemon.catalog.manifest import read_manifest
+from daemon.catalog.prunerecords import (
+    DROP,
+    FINISH,
+    Action,
+    Interrupted,
+    job_record_key,
+    record_key,
+    records_prefix,
+    resume_action,
+    tombstone_key,
+    was_being_deleted,
+)
 from daemon.catalog.retention import Decision
 from daemon.storage import ObjectInfo, Storage, StorageError
 from daemon.storage.retry import Deadline, retrying
@@ -46,78 +52,6 @@ CONCURRENCY = 16  # deletes in flight
 _RANK_DIR = re.compile(r"rank-(0|[1-9][0-9]*)")
 _RECORD = re.compile(r"rank-(0|[1-9][0-9]*)/(.+)\.json")
 log = logs.get(__name__)
-
-
-def records_prefix(project: str, job_id: str) -> str:
-    return layout.job_prefix(project, job_id) + "pruning/"
-
-
-def _per_checkpoint(prefix: str, rank: int, checkpoint: str) -> str:
-    if checkpoint == layout.ROOT_CHECKPOINT:
-        raise ValueError("the root pseudo-checkpoint '.' is never pruned")
-    return f"{prefix}rank-{rank}/{layout.check_relpath(checkpoint)}.json"
-
-
-def record_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
-    return _per_checkpoint(records_prefix(project, job_id), rank, checkpoint)
-
-
-def tombstone_key(project: str, job_id: str, rank: int, checkpoint: str) -> str:
-    return _per_checkpoint(layout.job_prefix(project, job_id) + "pruned/", rank, checkpoint)
-
-
-def job_record_key(project: str, job_id: str) -> str:
-    return records_prefix(project, job_id) + "job.json"
-
-
-@dataclass(frozen=True)
-class Interrupted:
-    """A pruning record left by a prune that did not finish."""
-
-    rank: int
-    checkpoint: str
-    committed_at: str | None  # of the manifest it was deleting; None: it had none, or unreadable
-    # When the store wrote the record (its last-modified, the store's clock like every file's);
-    # None: the record is unreadable (damaged, not an object), so it vouches for nothing.
-    written_at: datetime | None = None
-
-
-FINISH, DROP = "finish", "drop"
-Action = Literal["finish", "drop"]
-
-
-def resume_action(readable: bool, committed_now: str | None, recorded: str | None) -> Action:
-    """What to do with an interrupted prune's record: finish it, or drop only the record.
-
-    `committed_now`: the rank's manifest of the checkpoint now (its committed_at; None: none).
-    `recorded`: the committed_at the record holds (None: the checkpoint had no manifest).
-
-    | record readable | manifest now      | action | why                                          |
-    |-----------------|-------------------|--------|----------------------------------------------|
-    | no              | any               | drop   | it vouches for nothing: delete nothing       |
-    | yes             | none              | finish | (files stored after the record are kept)     |
-    | yes             | == recorded       | finish | the prune stopped before withdrawing it      |
-    | yes             | != recorded       | drop   | committed again since: a new checkpoint      |
-    """
-    if not readable:
-        return DROP
-    if committed_now is None or committed_now == recorded:
-        return FINISH
-    return DROP
-
-
-def was_being_deleted(file_modified: datetime, record_written: datetime) -> bool:
-    """Whether a stored file is one an interrupted prune was deleting: stored no later than its
-    record. Equal times count as older: S3 stamps whole seconds, and the checkpoint a prune was
-    deleting was stored before its record, often within the same second in tests and small jobs.
-
-    | file stored          | being deleted |
-    |----------------------|---------------|
-    | before the record    | yes           |
-    | same stamp           | yes           |
-    | after the record     | no (a re-save)|
-    """
-    return file_modified <= record_written
 
 
 @dataclass
@@ -135,17 +69,26 @@ class Pruner:
     past `deadline`. Cancellation passes through; what it interrupts, the records finish later."""
 
     def __init__(
-        self, storage: Storage, project: str, job_id: str, *, deadline: Deadline, concurrency: int = CONCURRENCY
+        self,
+        storage: Storage,
+        project: str,
+        job_id: str,
+        *,
+        deadline: Deadline,
+        concurrency: int = CONCURRENCY,
+        multi_node: bool = False,
     ) -> None:
+        """`multi_node`: the job's checkpoints commit globally (jobview.JobView.multi_node)."""
         self.storage, self.project, self.job_id = storage, project, job_id
-        self.deadline, self.concurrency = deadline, concurrency
+        self.deadline, self.concurrency, self.multi_node = deadline, concurrency, multi_node
 
     async def _retry(self, call: Any) -> Any:
         return await retrying(call, deadline=self.deadline, counter=None, context={"job_id": self.job_id})
 
     async def prune(self, checkpoint: str, committed: Mapping[int, str | None]) -> Freed | None:
         """Delete `checkpoint` on every rank of `committed` (rank -> its manifest's committed_at, as
-        surveyed). None, deleting nothing, when a rank committed it again since the survey."""
+        surveyed). None, deleting nothing, when a rank committed it again since the survey. For a
+        multi-node job, its global manifest goes first (`_finish`)."""
         ranks = sorted(committed)
         for rank in ranks:
             record = {"checkpoint": checkpoint, "rank": rank, "committed_at": committed[rank], "started_at": utc_now()}
@@ -186,6 +129,11 @@ class Pruner:
 
     async def _finish(self, checkpoint: str, ranks: list[int], written_at: datetime | None = None) -> Freed:
         """`written_at`: only files stored no later than this go (finishing an interrupted prune)."""
+        if self.multi_node and checkpoint != layout.ROOT_CHECKPOINT:
+            # Before any part: restore reads only the global manifest, which must never list a
+            # deleted file. A prune stopped after this finishes from its records (`resume`).
+            key = layout.global_key(self.project, self.job_id, checkpoint)
+            await self._retry(lambda: self.storage.delete(key))
         for rank in ranks:  # first: from here on no reader takes it for a committed checkpoint
             key = layout.manifest_key(self.project, self.job_id, rank, checkpoint)
             await self._bury(rank, checkpoint, key)
@@ -248,7 +196,8 @@ class Pruner:
         return await self._finish(record.checkpoint, [record.rank], record.written_at)
 
     async def delete_job(self) -> Freed:
-        """Delete everything of the job: uploads in progress, manifests first, then the rest."""
+        """Delete everything of the job: uploads in progress, manifests first (global ones before the
+        ranks' parts), then the rest."""
         record = job_record_key(self.project, self.job_id)
         prefix = layout.job_prefix(self.project, self.job_id)
         body = json_bytes({"job_id": self.job_id, "started_at": utc_now()})
@@ -256,7 +205,7 @@ class Pruner:
         for upload in await self._retry(lambda: self.storage.list_multipart_uploads(prefix)):
             await self._retry(lambda upload=upload: self.storage.abort_multipart(upload.key, upload.upload_id))
         freed = Freed(None)
-        for part in (prefix + "manifests/", prefix):
+        for part in (layout.global_prefix(self.project, self.job_id), prefix + "manifests/", prefix):
             files, size = await self._delete_all(self.storage.list(part), skip=record)
             freed.files, freed.bytes = freed.files + files, freed.bytes + size
         await self._retry(lambda: self.storage.delete(record))
@@ -313,7 +262,10 @@ async def _older(listing: AsyncIterator[ObjectInfo], written_at: datetime) -> As
 class Survey:
     """What a prune decides on: the job's committed checkpoints (less the ranks an interrupted
     prune was deleting), which ranks store files of which checkpoint, and the interrupted prunes
-    with the commit time of the rank's manifest now (None: it has none)."""
+    with the commit time of the rank's manifest now (None: it has none).
+
+    For a multi-node job the committed checkpoints are the globally committed ones (jobview): one
+    with parts but no global manifest is committed on no rank, as a save that stopped short is."""
 
     checkpoints: list[Checkpoint]
     stored_ranks: dict[str, set[int]]
@@ -321,31 +273,39 @@ class Survey:
     being_deleted: bool  # a whole-job delete was interrupted
     # (rank, checkpoint) of each interrupted prune -> the bytes finishing it deletes (0 when dropped)
     interrupted_bytes: dict[tuple[int, str], int] = field(default_factory=dict)
+    multi_node: bool = False
 
     def action(self, record: Interrupted, committed_now: str | None) -> Action:
         return resume_action(record.written_at is not None, committed_now, record.committed_at)
 
 
 async def survey(storage: Storage, project: str, job_id: str, ranks: Iterable[int] | None = None) -> Survey:
-    """Look at the job (every rank, or only `ranks`): manifests, checkpoint folders, records."""
+    """Look at the job (every rank, or only `ranks`): manifests, checkpoint folders, records.
+
+    Only ranks' manifests when `ranks` are given: retention while training prunes one rank, which
+    config.loader refuses for a multi-node job (each node would delete its share alone)."""
     wanted = None if ranks is None else sorted(set(ranks))
     pruner = Pruner(storage, project, job_id, deadline=Deadline())
-    found, stored, records, job_record = await asyncio.gather(
-        browse.checkpoints(storage, project, job_id, ranks=wanted),
+    job, stored, records, job_record = await asyncio.gather(
+        _view(storage, project, job_id, wanted),
         stored_ranks(storage, project, job_id, wanted),
         pruner.interrupted(wanted),
         storage.head(job_record_key(project, job_id)),
     )
-    by_name = {c.name: dict(c.manifests) for c in found}
+    by_name = {c.name: c for c in job.committed}
     interrupted = []
     for record in records:
-        manifest = by_name.get(record.checkpoint, {}).get(record.rank)
+        holder = job.parts.get(record.checkpoint) or by_name.get(record.checkpoint)
+        manifest = holder.manifests.get(record.rank) if holder is not None else None
         now = manifest["committed_at"] if manifest is not None else None
         interrupted.append((record, now))
-        if now is not None and now == record.committed_at:  # being deleted: not committed any more
-            del by_name[record.checkpoint][record.rank]
-    checkpoints = [Checkpoint(name, manifests) for name, manifests in sorted(by_name.items()) if manifests]
-    found_survey = Survey(checkpoints, stored, interrupted, job_record is not None)
+        if job.multi_node:  # finishing it deletes the global manifest: not committed any more
+            if resume_action(record.written_at is not None, now, record.committed_at) == FINISH:
+                by_name.pop(record.checkpoint, None)
+        elif now is not None and now == record.committed_at:  # being deleted: not committed there any more
+            by_name[record.checkpoint] = _without(by_name[record.checkpoint], record.rank)
+    checkpoints = [c for _, c in sorted(by_name.items()) if c.manifests or c.whole is not None]
+    found_survey = Survey(checkpoints, stored, interrupted, job_record is not None, multi_node=job.multi_node)
     for record, now in interrupted:  # what finishing them deletes, counted as `resume` selects it
         size = 0
         if found_survey.action(record, now) == FINISH and record.written_at is not None:
@@ -353,6 +313,16 @@ async def survey(storage: Storage, project: str, job_id: str, ranks: Iterable[in
             size = sum([info.size async for info in _older(storage.list(prefix), record.written_at)])
         found_survey.interrupted_bytes[record.rank, record.checkpoint] = size
     return found_survey
+
+
+async def _view(storage: Storage, project: str, job_id: str, ranks: list[int] | None) -> jobview.JobView:
+    if ranks is not None:
+        return jobview.JobView(await browse.checkpoints(storage, project, job_id, ranks=ranks))
+    return await jobview.view(storage, project, job_id)
+
+
+def _without(checkpoint: Checkpoint, rank: int) -> Checkpoint:
+    return Checkpoint(checkpoint.name, {r: m for r, m in checkpoint.manifests.items() if r != rank})
 
 
 async def stored_ranks(
@@ -388,7 +358,8 @@ async def execute(
             done(result, None)
     for decision in decisions:
         if decision.delete and decision.checkpoint is not None:
-            committed = {rank: m["committed_at"] for rank, m in decision.checkpoint.manifests.items()}
+            c = decision.checkpoint  # every rank of it: with a manifest, or (multi-node) files the global lists
+            committed = {rank: m["committed_at"] if (m := c.manifests.get(rank)) else None for rank in c.ranks}
             result = await pruner.prune(decision.name, committed)
             if result is not None:  # None: committed again since the survey, left alone
                 freed.append(result)

@@ -120,6 +120,12 @@ def plan(
     decides for one rank while the metrics are recorded by another (often rank 0 only). NoRules
     when no rule is given; browse.MissingMetric when keep_best is given, there are checkpoints to
     rank, and none records the metric (the caller must then delete nothing).
+
+    Multi-node jobs: `found` holds the globally committed checkpoints (daemon.catalog.jobview),
+    each with its global manifest, whose step, commit time and metrics rank it, and its parts
+    (its `manifests`): a rank storing files of it without a part makes it uncommitted, as above.
+    A checkpoint with parts but no global manifest is not in `found`: its stored files make it
+    uncommitted, never deleted by rules, and never the latest.
     """
     if rules.empty:
         raise NoRules()
@@ -130,7 +136,9 @@ def plan(
     missing: dict[str, tuple[int, ...]] = {}
     for name in sorted(by_name.keys() | stored.keys()):
         checkpoint = by_name.get(name)
-        missing[name] = tuple(sorted(stored.get(name, set()) - set(checkpoint.ranks if checkpoint else ())))
+        # Ranks with files but no manifest (for a multi-node job: no part, even where the global
+        # manifest lists them): still uploading, or damaged; either way not for rules to delete.
+        missing[name] = tuple(sorted(stored.get(name, set()) - set(checkpoint.manifests if checkpoint else ())))
         why = [ROOT] if name == layout.ROOT_CHECKPOINT else []
         why += [IN_PROGRESS] if name in busy else []
         why += [UNCOMMITTED] if checkpoint is None or missing[name] else []

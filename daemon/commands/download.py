@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from daemon import exits
-from daemon.catalog import browse, layout, patterns
+from daemon.catalog import browse, jobview, layout, patterns
 from daemon.commands import show
 from daemon.config import Config
 from daemon.config.artifacts import ArtifactRef
@@ -108,16 +108,18 @@ async def select(storage: Storage, ref: ArtifactRef, default_project: str, *, on
     parsed = [patterns.parse(p) for p in ref.paths]  # checked at load or by main: cannot fail here
     project = await resolve_project(storage, ref.job_id, default_project, only=only)
     files = await stored_files(storage, project, ref.job_id)
-    found = await browse.checkpoints(storage, project, ref.job_id)
-    # (rank, relpath) -> (key, size, sha256): the manifests first, so a committed file is verified.
+    job = await jobview.view(storage, project, ref.job_id)
+    # (rank, relpath) -> (key, size, sha256): the manifests first, so a committed file is verified
+    # (a multi-node job's parts too: each lists what its rank stored).
     known: dict[tuple[int, str], tuple[str, int, str | None]] = {
         (f.rank, f.relpath): (f.key, f.size, None) for f in files
     }
-    for ckpt in found:
+    for ckpt in [*job.committed, *job.parts.values()]:
         for rank, manifest in ckpt.manifests.items():
             for e in manifest["files"]:
                 known[(rank, e["path"])] = (e["key"], e["size"], e["sha256"])
-    latest = browse.latest(c for c in found if c.name != layout.ROOT_CHECKPOINT)
+    # `latest` as restore means it: of a multi-node job, its latest global commit.
+    latest = browse.latest(c for c in job.committed if c.name != layout.ROOT_CHECKPOINT)
     chosen: set[tuple[int, str]] = set()
     for p in parsed:
         if p.uses_latest:

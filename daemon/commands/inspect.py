@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon import exits
-from daemon.catalog import browse, layout
+from daemon.catalog import browse, jobview, layout
 from daemon.catalog import safetensors as st
 from daemon.commands import show
 from daemon.config import Config
@@ -109,8 +109,8 @@ async def read_header(storage: Storage, key: str, size: int) -> st.Header:
 
 async def resolve(storage: Storage, project: str, job_id: str, target: Target) -> tuple[str, list[Found]]:
     """The checkpoint's name and the files PATH names; NotFound when there are none."""
-    found = await browse.checkpoints(storage, project, job_id)
-    name, chosen = browse.pick(found, target.checkpoint, project, job_id)
+    # `latest` as restore means it: of a multi-node job, its latest global commit.
+    name, chosen = (await jobview.view(storage, project, job_id)).pick(target.checkpoint, project, job_id)
     stored = await browse.stored_folders(storage, project, job_id)
     ranks = browse.ranks_holding(stored, name, chosen)
     if name == layout.ROOT_CHECKPOINT:

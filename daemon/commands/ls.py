@@ -26,6 +26,20 @@ and `uncommitted_ranks` names the ranks holding files without a manifest. Such f
 never hidden; their size and files come from listing them. A file is `committed` when a manifest
 lists it (then its sha256 is known) and `stored` when the store holds it now.
 
+Multi-node jobs (ckptd's of group size above 1, or with global manifests: daemon.catalog.jobview)
+are listed as restore sees them. A checkpoint is `committed` only when its global manifest is
+stored (its step, commit time, size and metrics are then the global manifest's); one whose nodes
+stored parts (per-rank manifests) but no global manifest yet is waiting, not committed, and its
+row shows what the parts hold. The files at the top ('.') stay each node's, committed per rank.
+"latest" (`--checkpoint latest`, the jobs' `checkpoints` count) follows the global manifests.
+Their JSON adds, and only theirs:
+
+    checkpoints level: "group_size", and per checkpoint "global_commit" ("committed", "waiting",
+        "unreadable": a global manifest stored but damaged, which commits nothing; null for '.'),
+        "part_ranks" (ranks with a part), "missing_ranks" (ranks 0..group_size-1 without one)
+    files level: a file is `committed` when the global manifest lists it; a waiting checkpoint's
+        files show the sha256 their part records, and are not committed
+
 Exit codes: 0 listed (an empty list included), 1 unknown project, job or checkpoint, or a store
 error, 2 an unknown --sort field (the accepted ones are named) or a job found in several projects.
 """
@@ -37,7 +51,7 @@ import asyncio
 from typing import Any
 
 from daemon import exits
-from daemon.catalog import browse, jobmeta, layout
+from daemon.catalog import browse, globalmanifest, jobmeta, jobview, layout
 from daemon.catalog.manifest import parse_step
 from daemon.commands import show
 from daemon.config import Config
@@ -114,11 +128,12 @@ async def list_jobs(storage: Storage, project: str) -> dict[str, Any]:
 
     async def row(job_id: str, created_at: str | None) -> dict[str, Any]:
         async with limit:
-            usage = await browse.job_usage(storage, project, job_id)
             try:
                 meta = await jobmeta.read_job(storage, project, job_id)
             except jobmeta.JobNotFound:
                 meta = {}
+            whole = await globalmanifest.commits_globally(storage, project, job_id)
+            usage = await browse.job_usage(storage, project, job_id, commits_globally=whole)
         return {
             "job_id": job_id,
             "created_at": created_at,
@@ -155,8 +170,9 @@ async def _uncommitted_by_status(storage: Storage, project: str, job_id: str) ->
 
 def _checkpoint_row(c: browse.Checkpoint | None, name: str, loose: dict[int, list[Any] | None]) -> dict[str, Any]:
     """One checkpoint's row: what its manifests say, plus what ranks without one have stored
-    (size and files None when only a status report says so and nothing could be listed)."""
-    known = [infos for infos in loose.values() if infos is not None]
+    (size and files None when only a status report says so and nothing could be listed). A rank's
+    files that a multi-node job's global manifest lists are in its size already."""
+    known = [infos for rank, infos in loose.items() if infos is not None and rank not in (c.ranks if c else ())]
     size, files = (c.total_bytes, c.file_count) if c else (None, None)
     if known:
         size = (size or 0) + sum(info.size for infos in known for info in infos)
@@ -175,12 +191,13 @@ def _checkpoint_row(c: browse.Checkpoint | None, name: str, loose: dict[int, lis
 
 
 async def list_checkpoints(storage: Storage, project: str, job_id: str) -> dict[str, Any]:
-    found, stored, reported = await asyncio.gather(
-        browse.checkpoints(storage, project, job_id),
+    job, stored, reported = await asyncio.gather(
+        jobview.view(storage, project, job_id),
         browse.stored_folders(storage, project, job_id),
         _uncommitted_by_status(storage, project, job_id),
     )
-    by_name = {c.name: c for c in found}
+    # What each row shows: the committed checkpoint, else (multi-node) the parts stored of it.
+    by_name = {**job.parts, **{c.name: c for c in job.committed}}
     # (rank, name) stored or reported without that rank's manifest: uncommitted there.
     loose_keys = sorted(
         {
@@ -202,8 +219,26 @@ async def list_checkpoints(storage: Storage, project: str, job_id: str) -> dict[
     for (rank, name), infos in zip(loose_keys, listings, strict=True):
         loose.setdefault(name, {})[rank] = infos
     rows = [_checkpoint_row(by_name.get(n), n, loose.get(n, {})) for n in sorted({*by_name, *loose})]
+    if not job.multi_node:
+        rows.sort(key=_recency, reverse=True)
+        return {"project": project, "job_id": job_id, "checkpoints": rows}
+    rows = [_global_row(row, job) for row in rows]
     rows.sort(key=_recency, reverse=True)
-    return {"project": project, "job_id": job_id, "checkpoints": rows}
+    return {"project": project, "job_id": job_id, "group_size": job.group_size, "checkpoints": rows}
+
+
+def _global_row(row: dict[str, Any], job: jobview.JobView) -> dict[str, Any]:
+    """A multi-node job's row: committed only with its global manifest (a row of parts alone
+    has neither commit nor commit time), with the ranks whose parts are stored and missing."""
+    name, state = row["name"], job.global_state(row["name"])
+    if state not in (None, jobview.COMMITTED):
+        row.update(committed=False, committed_at=None)
+    per_node = state is None  # '.': each node's own files, committed per rank
+    return row | {
+        "global_commit": state,
+        "part_ranks": [] if per_node else job.part_ranks(name),
+        "missing_ranks": [] if per_node else job.missing_ranks(name),
+    }
 
 
 def _recency(row: dict[str, Any]) -> tuple[bool, int, str, str]:
@@ -222,17 +257,18 @@ async def _rank_files(storage: Storage, key_of: Any, name: str, entries: dict[st
 
 
 async def list_files(storage: Storage, project: str, job_id: str, wanted: str) -> dict[str, Any]:
-    found, stored = await asyncio.gather(
-        browse.checkpoints(storage, project, job_id), browse.stored_folders(storage, project, job_id)
+    job, stored = await asyncio.gather(
+        jobview.view(storage, project, job_id), browse.stored_folders(storage, project, job_id)
     )
-    name, chosen = browse.pick(found, wanted, project, job_id)
-    ranks = browse.ranks_holding(stored, name, chosen)
+    name, chosen = job.pick(wanted, project, job_id)
+    shown = chosen or job.parts.get(name)  # a waiting multi-node checkpoint: its parts know the sha256
+    ranks = browse.ranks_holding(stored, name, shown)
     if not ranks:
         raise browse.NotFound(f"no checkpoint {wanted!r} in job {job_id!r} of project {project!r}")
     rows = []
     for rank in ranks:
-        manifest = chosen.manifests.get(rank) if chosen else None
-        entries = {f["path"]: f for f in manifest["files"]} if manifest else {}
+        entries = {f["path"]: f for f in shown.files_of(rank)} if shown else {}
+        committed = {f["path"] for f in chosen.files_of(rank)} if chosen else set()
         listing = await _stored_files(storage, project, job_id, rank, name)
         key_of = lambda path, rank=rank: layout.file_key(project, job_id, rank, path)  # noqa: E731
         there = await _rank_files(storage, key_of, name, entries, listing)
@@ -244,7 +280,7 @@ async def list_files(storage: Storage, project: str, job_id: str, wanted: str) -
                     "path": path,
                     "size": entry["size"] if entry else info.size,
                     "sha256": entry["sha256"] if entry else None,
-                    "committed": entry is not None,
+                    "committed": path in committed,
                     "stored": info is not None,
                 }
             )
@@ -269,7 +305,7 @@ def _field(row: dict[str, Any], name: str) -> Any:
 # The fields of a checkpoint row (see _checkpoint_row), which no metric may shadow in the table.
 _ROW_FIELDS = frozenset(
     ["name", "step", "size", "files", "ranks", "committed_at", "committed", "uncommitted_ranks", "metrics"]
-)
+) | {"global_commit", "part_ranks", "missing_ranks"}  # a multi-node job's
 METRIC_PREFIX = "metric:"
 
 
@@ -295,6 +331,9 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     for name in ("committed", "stored"):
         if isinstance(out.get(name), bool):
             out[name] = "yes" if out[name] else "NO"
+    if row.get("global_commit") not in (None, jobview.COMMITTED):
+        have, missing = (",".join(map(str, row[k])) or "none" for k in ("part_ranks", "missing_ranks"))
+        out["global_commit"] = f"{row['global_commit']} (parts: {have}; missing: {missing})"
     return out
 
 
@@ -320,7 +359,11 @@ def main(c: Config, args: argparse.Namespace) -> int:
         return show.fail(f"listing {c.storage} failed: {e}")
     metrics = sorted({m for row in doc[key] for m in row.get("metrics", {})})
     metric_names = [metric_column(m) for m in metrics]
-    accepted = [k for k, _ in columns] + (["uncommitted_ranks"] if level == "checkpoints" else []) + metric_names
+    if "group_size" in doc:  # a multi-node job's checkpoints
+        columns = [*columns, ("global_commit", "global")]
+    extra = ["uncommitted_ranks"] if level == "checkpoints" else []
+    extra += ["part_ranks", "missing_ranks"] if "group_size" in doc else []
+    accepted = [k for k, _ in columns] + extra + metric_names
     try:
         rows = show.sort_rows(doc[key], args.sort, accepted, reverse=args.reverse, value=_field)
     except show.UnknownField as e:
@@ -335,5 +378,5 @@ def main(c: Config, args: argparse.Namespace) -> int:
 
 
 def _title(doc: dict[str, Any]) -> str | None:
-    parts = [f"{k} {doc[k]}" for k in ("project", "job_id", "checkpoint") if k in doc]
+    parts = [f"{k} {doc[k]}" for k in ("project", "job_id", "checkpoint", "group_size") if k in doc]
     return ", ".join(parts) or None

@@ -16,6 +16,12 @@ or missing flags, 130 interrupted (Ctrl-C): the next prune finishes what it left
 With --all: project, job_id, all, dry_run, files, bytes, and with --yes deleted_files, bytes_freed.
 Reasons a checkpoint is kept: root, in_progress, uncommitted, latest, keep_last, keep_best,
 keep_every_steps (see daemon.catalog.retention).
+
+A multi-node job (daemon.catalog.jobview: its checkpoints commit globally) is judged as restore
+sees it: only globally committed checkpoints are ranked (their step, commit time and metrics are
+the global manifest's, their ranks every rank it or a part names); one whose parts are stored but
+whose global manifest is not is uncommitted and kept. Deleting one deletes its global manifest
+before anything else, then every rank's part and files (daemon.catalog.prune).
 """
 
 from __future__ import annotations
@@ -140,7 +146,7 @@ async def _by_rules(storage: Storage, project: str, job_id: str, rules: retentio
             }
         )
 
-    pruner = prune.Pruner(storage, project, job_id, deadline=_deadline())
+    pruner = prune.Pruner(storage, project, job_id, deadline=_deadline(), multi_node=found.multi_node)
     try:
         await prune.execute(pruner, found, decisions, done)
     except StorageError:  # what was deleted before a failure is reported too; not on a cancel

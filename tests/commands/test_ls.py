@@ -180,6 +180,10 @@ def test_uncommitted_folders_and_damaged_manifests_are_shown_not_hidden(s3_bucke
         "committed": False,
         "uncommitted_ranks": [0],
         "metrics": None,
+        # `ckptd run` on two nodes makes a multi-node job: no part and no global manifest of it yet
+        "global_commit": "waiting",
+        "part_ranks": [],
+        "missing_ranks": [0, 1],
     }
     assert (rows["checkpoint-40"]["committed"], rows["checkpoint-40"]["uncommitted_ranks"]) == (True, [2])
     assert rows["checkpoint-40"]["ranks"] == [0, 1, 2]

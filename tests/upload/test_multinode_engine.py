@@ -81,6 +81,7 @@ async def test_a_checkpoint_saved_on_two_nodes_commits_globally_once_every_shard
     # Step 2: node 1 has not written its shard yet; both nodes report what step 2 waits for.
     write(root(zero), "step-2/__0_0.distcp", b"zero again")
     write(root(zero), "step-2/.metadata", metadata("__0_0.distcp", "__1_0.distcp"))
+
     def waiting() -> list:  # step-1 may linger until the next poll shows node 1 committed it
         return [(w["checkpoint"], w["missing"], w["parts"]) for w in zero.status.status()["waiting_for_ranks"]]
 
