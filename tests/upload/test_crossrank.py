@@ -71,9 +71,15 @@ async def save_part(store, rank: int, files: dict[str, bytes], reason: str = "pa
     await write_manifest(store, build_manifest(P, J, rank, checkpoint, stored, reason, {}))
 
 
-def node(tmp_path, store, rank: int, has_files=lambda cp: False, quiet: str = "60") -> CrossRank:
+def node(tmp_path, store, rank: int, has_files=lambda cp: False, quiet: str = "60", lag: str = "600") -> CrossRank:
     c = config(
-        tmp_path / f"node-{rank}", "file:///unused", node_rank=str(rank), group_size="2", job_id=J, quiet_commit=quiet
+        tmp_path / f"node-{rank}",
+        "file:///unused",
+        node_rank=str(rank),
+        group_size="2",
+        job_id=J,
+        quiet_commit=quiet,
+        rank_lag_alert=lag,
     )
     return CrossRank(c, store, Deadline.after(30), StoreHealth(), has_files)
 
@@ -162,3 +168,37 @@ async def test_a_node_that_holds_files_of_it_never_says_empty(tmp_path, store):
         await asyncio.sleep(0.6)
     assert await global_of(store) is None
     assert [w["missing"] for w in busy.status()] == [["rank-1"]]
+
+
+@in_every_store
+async def test_a_rank_lagging_past_the_threshold_is_warned_about_once(tmp_path, store):
+    await save_part(store, 1, {"__1_0.distcp": b"one"})
+    one = node(tmp_path, store, 1, lag="1")
+    assert counter("ckptd_rank_lag_threshold_seconds") == 1
+    with capture_logs() as logs:
+        await one.check()
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # past the threshold, counted from the part's commit time
+            await asyncio.sleep(0.1)
+        await one.check()
+        await one.check()
+    lagging = [e for e in logs if e["event"].startswith("a rank lags")]
+    assert [(e["checkpoint"], e["missing"], e["parts"]) for e in lagging] == [(CP, ["rank-0"], [1])]
+    assert counter(OLDEST) > 1
+
+
+@in_every_store
+async def test_a_damaged_part_is_no_part_and_damaged_metadata_commits_nothing(tmp_path, store):
+    await save_part(store, 0, {"__0_0.distcp": b"zero", ".metadata": b"not a pickle"}, "marker")
+    await store.put(layout.manifest_key(P, J, 1, CP), b'{"format": 1, "files": "all of them"}')
+    zero = node(tmp_path, store, 0)
+    with capture_logs() as logs:
+        await zero.check()
+        assert [w["missing"] for w in zero.status()] == [["rank-1"]]
+        await save_part(store, 1, {"__1_0.distcp": b"one"})  # rank 1's part, stored anew
+        await zero.check()
+    assert [w["missing"] for w in zero.status()] == [[f"a readable {CP}/.metadata"]]
+    events = [e["event"] for e in logs]
+    assert "unreadable part of a checkpoint" in events
+    assert events.count("DCP metadata unreadable: the checkpoint cannot commit") == 1  # read once, remembered
+    assert await global_of(store) is None
