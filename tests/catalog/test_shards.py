@@ -84,6 +84,7 @@ def test_is_metadata(relpath, expected):
     assert is_metadata(relpath) is expected
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # a one-process save, as meant
 def test_a_real_dcp_save(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
