@@ -4,12 +4,14 @@ engine's own part rules, publisher and status (the real-DCP version is tests/fra
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from engines import config, counter, until
+from structlog.testing import capture_logs
 
 from daemon.catalog import globalmanifest as gm
 from daemon.catalog import layout
@@ -123,3 +125,27 @@ async def test_a_checkpoint_only_one_node_saves_commits_once_the_other_said_it_h
     finally:
         for engine in engines:
             await engine.shutdown()
+
+
+async def test_a_shard_rewritten_after_the_global_commit_withdraws_it_until_committed_again(nodes):
+    zero, one = nodes
+    write(root(one), "step-1/__1_0.distcp", b"first")
+    write(root(zero), "step-1/__0_0.distcp", b"zero")
+    write(root(zero), "step-1/.metadata", metadata("__0_0.distcp", "__1_0.distcp"))
+
+    async def listed_sha() -> str | None:
+        whole = (await globals_of(zero)).get("step-1")
+        return None if whole is None else next(f["sha256"] for f in whole["files"] if f["rank"] == 1)
+
+    async def until_listed(sha: str) -> None:
+        while await listed_sha() != sha:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(until_listed(hashlib.sha256(b"first").hexdigest()), 30)
+    with capture_logs() as logs:
+        write(root(one), "step-1/__1_0.distcp", b"second version")  # the trainer saved step 1 again
+        # No global manifest names the new bytes by the old checksum: withdrawn, then written anew.
+        await asyncio.wait_for(until_listed(hashlib.sha256(b"second version").hexdigest()), 30)
+    assert "manifest withdrawn until the changed file is stored" in [e["event"] for e in logs]
+    key = layout.file_key("proj", J, 1, "step-1/__1_0.distcp")
+    assert await one.storage.get(key) == b"second version"
