@@ -202,3 +202,13 @@ async def test_a_damaged_part_is_no_part_and_damaged_metadata_commits_nothing(tm
     assert "unreadable part of a checkpoint" in events
     assert events.count("DCP metadata unreadable: the checkpoint cannot commit") == 1  # read once, remembered
     assert await global_of(store) is None
+
+
+@in_every_store
+async def test_an_empty_metadata_commits_nothing_and_stops_no_check(tmp_path, store):
+    await save_part(store, 0, {"__0_0.distcp": b"zero", ".metadata": b""}, "marker")
+    await save_part(store, 1, {"__1_0.distcp": b"one"})
+    zero = node(tmp_path, store, 0)
+    await zero.check()  # S3 answers InvalidRange to any range of an empty object: never asked
+    assert [w["missing"] for w in zero.status()] == [[f"a readable {CP}/.metadata"]]
+    assert await global_of(store) is None
