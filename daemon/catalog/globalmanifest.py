@@ -14,7 +14,6 @@ same bytes; stores that support it also refuse the second write (`Storage.put_if
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Mapping
 from datetime import datetime
@@ -22,7 +21,7 @@ from typing import Any
 
 from daemon.catalog import jobmeta, layout
 from daemon.catalog.jsonio import json_bytes
-from daemon.catalog.manifest import MAX_MANIFEST_BYTES, parse_manifest, parse_step, read_or_skip
+from daemon.catalog.manifest import MAX_MANIFEST_BYTES, check_manifest, get_bounded, parse_step, read_or_skip
 from daemon.storage import Storage, StorageError
 
 KIND = "global"
@@ -104,7 +103,7 @@ def parse_global(data: bytes) -> dict[str, Any]:
     for rank, entries in by_rank.items():  # the per-rank checks, on each rank's share
         share = {**manifest, "format": 1, "rank": rank, "files": entries}
         share.update(file_count=len(entries), total_bytes=sum(e.get("size", 0) for e in entries))
-        parse_manifest(json_bytes(share))
+        check_manifest(share)
     if not by_rank:  # parse_manifest checked the common fields on the shares; a checkpoint has files
         raise ValueError("bad global manifest: lists no file")
     _check(manifest.get("file_count") == len(files), "file_count does not match files")
@@ -115,12 +114,7 @@ def parse_global(data: bytes) -> dict[str, Any]:
 async def read_global(storage: Storage, key: str) -> dict[str, Any]:
     """The global manifest at `key`, validated and refused unless it belongs at that key.
     ValueError for a bad one (naming the key), StorageError when the store fails."""
-    try:
-        data = await storage.get(key, 0, MAX_MANIFEST_BYTES + 1)
-    except StorageError as exc:
-        if exc.code != "InvalidRange":
-            raise
-        data = b""
+    data = await get_bounded(storage, key)
     try:
         _check(len(data) <= MAX_MANIFEST_BYTES, f"larger than {MAX_MANIFEST_BYTES} bytes")
         manifest = parse_global(data)
@@ -148,18 +142,14 @@ async def commits_globally(storage: Storage, project: str, job_id: str) -> bool:
     | anything else       | yes                      | yes                                              |
     | anything else       | no                       | no: one node, or an earlier ckptd's nodes' own commits |
     """
-    job = await jobmeta.read_job_record(storage, project, job_id)
-    if job is not None and job.get("global_commit") is True:
+    if says_global_commit(await jobmeta.read_job_record(storage, project, job_id)):
         return True
-    return await has_globals(storage, project, job_id)
+    return await storage.has_any(layout.global_prefix(project, job_id))
 
 
-async def has_globals(storage: Storage, project: str, job_id: str) -> bool:
-    # aclosing: the first key answers; the rest of the listing is never fetched.
-    async with contextlib.aclosing(storage.list(layout.global_prefix(project, job_id))) as listing:
-        async for _ in listing:
-            return True
-    return False
+def says_global_commit(job: dict[str, Any] | None) -> bool:
+    """Whether job.json (as `jobmeta.read_job_record` returns it) marks a multi-node job."""
+    return job is not None and job.get("global_commit") is True
 
 
 async def write_global(storage: Storage, manifest: dict[str, Any]) -> bool:
@@ -185,12 +175,10 @@ async def write_global(storage: Storage, manifest: dict[str, Any]) -> bool:
 
 async def _stored(storage: Storage, key: str) -> bytes | None:
     try:
-        return await storage.get(key, 0, MAX_MANIFEST_BYTES + 1)
+        return await get_bounded(storage, key)
     except StorageError as exc:
         if exc.missing:
             return None
-        if exc.code == "InvalidRange":  # S3's answer to any range of an empty object
-            return b""
         raise
 
 

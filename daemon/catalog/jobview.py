@@ -71,13 +71,13 @@ class JobView:
 
 async def view(storage: Storage, project: str, job_id: str) -> JobView:
     """The job's checkpoints: its manifests, job.json and global manifests read concurrently."""
-    found, group, (stored, wholes) = await asyncio.gather(
+    found, job, (stored, wholes) = await asyncio.gather(
         browse.checkpoints(storage, project, job_id),
-        _group_size(storage, project, job_id),
+        jobmeta.read_job_record(storage, project, job_id),
         _globals(storage, project, job_id),
     )
-    # Global manifests stored answer it; only without them is job.json asked (a second read of it).
-    if not stored and not await globalmanifest.commits_globally(storage, project, job_id):
+    group = _group_size(job)
+    if not stored and not globalmanifest.says_global_commit(job):  # as globalmanifest.commits_globally
         return JobView(found)
     group = max([group, *(m["group_size"] for m in wholes)])
     parts = {c.name: c for c in found}
@@ -91,9 +91,8 @@ def _parts_of(parts: dict[str, Checkpoint], name: str) -> dict[int, dict]:
     return dict(found.manifests) if found is not None else {}
 
 
-async def _group_size(storage: Storage, project: str, job_id: str) -> int:
+def _group_size(job: dict | None) -> int:
     """job.json's group_size; 1 when it is missing or not a count (the global manifests' then)."""
-    job = await jobmeta.read_job_record(storage, project, job_id)
     group = job.get("group_size") if job is not None else None
     return group if isinstance(group, int) and not isinstance(group, bool) and group > 1 else 1
 

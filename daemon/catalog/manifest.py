@@ -184,6 +184,11 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
         manifest = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"bad manifest: not JSON ({exc})") from None
+    return check_manifest(manifest)
+
+
+def check_manifest(manifest: Any) -> dict[str, Any]:
+    """`manifest` (parsed JSON) if it is a valid manifest; ValueError saying what is wrong."""
     _check(isinstance(manifest, dict), "not a JSON object")
     _check(manifest.get("format") == FORMAT, f"unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     for name, typ in _FIELDS.items():
@@ -242,12 +247,7 @@ async def read_manifest(storage: Storage, key: str) -> dict[str, Any]:
 
     ValueError saying what is wrong with a bad one; StorageError when the store fails.
     """
-    try:  # bounded read: a huge object under the manifest prefix must not fill the memory
-        data = await storage.get(key, 0, MAX_MANIFEST_BYTES + 1)
-    except StorageError as exc:
-        if exc.code != "InvalidRange":  # S3's answer to any range of an empty object
-            raise
-        data = b""
+    data = await get_bounded(storage, key)
     try:
         _check(len(data) <= MAX_MANIFEST_BYTES, f"larger than {MAX_MANIFEST_BYTES} bytes")
         manifest = parse_manifest(data)
@@ -255,6 +255,17 @@ async def read_manifest(storage: Storage, key: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from None
     return manifest
+
+
+async def get_bounded(storage: Storage, key: str) -> bytes:
+    """At most MAX_MANIFEST_BYTES + 1 bytes of the object at `key` (one more tells "too large"):
+    a huge object under a manifest prefix must not fill the memory. StorageError as `get`."""
+    try:
+        return await storage.get(key, 0, MAX_MANIFEST_BYTES + 1)
+    except StorageError as exc:
+        if exc.code != "InvalidRange":  # S3's answer to any range of an empty object
+            raise
+        return b""
 
 
 async def read_or_skip(

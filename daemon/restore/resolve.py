@@ -42,7 +42,6 @@ A manifest that parses but lies about its files' bytes is caught when downloadin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -114,19 +113,10 @@ def pick_rank(rank: int, ranks_with_manifests: set[int]) -> int | None:
     return 0 if 0 in ranks_with_manifests else None
 
 
-async def _any_key(storage: Storage, prefix: str, suffix: str = "") -> bool:
-    # aclosing: stop after the first page instead of listing everything under the prefix.
-    async with contextlib.aclosing(storage.list(prefix)) as listing:
-        async for info in listing:
-            if info.key.endswith(suffix):
-                return True
-    return False
-
-
 async def _ranks_with_manifests(storage: Storage, project: str, job_id: str, rank: int) -> set[int]:
     candidates = sorted({rank, 0})
     found = await asyncio.gather(
-        *(_any_key(storage, layout.manifest_prefix(project, job_id, r), ".json") for r in candidates)
+        *(storage.has_any(layout.manifest_prefix(project, job_id, r), ".json") for r in candidates)
     )
     return {r for r, yes in zip(candidates, found, strict=True) if yes}
 
@@ -146,10 +136,6 @@ async def _project_of(storage: Storage, ref: CheckpointRef, default_project: str
         raise AmbiguousJob(ref, exc.projects) from None
 
 
-async def _multi_node(storage: Storage, project: str, job_id: str) -> bool:
-    return await globalmanifest.commits_globally(storage, project, job_id)
-
-
 async def _merged(storage: Storage, ref: CheckpointRef, project: str, manifest: dict[str, Any], rank: int) -> Resolved:
     view, shadowed = globalmanifest.merged(manifest, rank)
     if shadowed:
@@ -167,7 +153,7 @@ async def _merged(storage: Storage, ref: CheckpointRef, project: str, manifest: 
 
 
 async def _latest_of_job(storage: Storage, ref: CheckpointRef, project: str, job_id: str, rank: int) -> Resolved | None:
-    if await _multi_node(storage, project, job_id):
+    if await globalmanifest.commits_globally(storage, project, job_id):
         found = await globalmanifest.read_globals(storage, project, job_id)
         latest = max(found, key=recency, default=None)
         return None if latest is None else await _merged(storage, ref, project, latest, rank)
@@ -196,7 +182,9 @@ async def _manifest_at(
 
 async def _named(storage: Storage, ref: CheckpointRef, project: str, rank: int) -> Resolved | None:
     assert ref.job_id is not None and ref.checkpoint_name is not None
-    if ref.checkpoint_name != layout.ROOT_CHECKPOINT and await _multi_node(storage, project, ref.job_id):
+    if ref.checkpoint_name != layout.ROOT_CHECKPOINT and await globalmanifest.commits_globally(
+        storage, project, ref.job_id
+    ):
         return await _named_global(storage, ref, project, rank)
     source = await _source_rank(storage, project, ref.job_id, rank)
     if source is None:
@@ -235,10 +223,10 @@ _Candidate = tuple[browse.Checkpoint, str, int]  # checkpoint, its job, the sour
 
 async def _candidates(storage: Storage, project: str, job_id: str, rank: int) -> list[_Candidate]:
     """The source rank's committed checkpoints of a job, '.' excepted, with rank 0's metrics; the
-    globally committed ones of a multi-node job (source rank -1: resolved by `_merged`)."""
-    if await _multi_node(storage, project, job_id):
+    globally committed ones of a multi-node job (`whole`: resolved by `_merged`)."""
+    if await globalmanifest.commits_globally(storage, project, job_id):
         found = await globalmanifest.read_globals(storage, project, job_id)
-        return [(browse.Checkpoint(m["checkpoint"], {-1: m}), job_id, -1) for m in found]
+        return [(browse.Checkpoint(m["checkpoint"], {}, whole=m), job_id, rank) for m in found]
     source = await _source_rank(storage, project, job_id, rank)
     if source is None:
         return []
@@ -263,8 +251,8 @@ async def _best(storage: Storage, ref: CheckpointRef, project: str, jobs: list[s
     except browse.MissingMetric as exc:
         raise Unmatched(ref, str(exc)) from None
     _, job_id, source = next(c for c in candidates if c[0] is winner)
-    if source == -1:
-        return await _merged(storage, ref, project, winner.manifests[source], rank)
+    if winner.whole is not None:
+        return await _merged(storage, ref, project, winner.whole, rank)
     return Resolved(ref, project, job_id, source, winner.name, winner.manifests[source])
 
 

@@ -9,6 +9,7 @@ parts and incomplete uploads for crash recovery.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -122,6 +123,15 @@ class Storage(abc.ABC):
             if len(chunk) < want:  # the object ends here, as a clipped S3 range would
                 return
             pos += want
+
+    async def has_any(self, prefix: str, suffix: str = "") -> bool:
+        """Whether an object whose key starts with `prefix` (and ends with `suffix`) exists. The
+        listing stops at the first page that answers: nothing more is fetched."""
+        async with contextlib.aclosing(self.list(prefix)) as listing:  # type: ignore[type-var]
+            async for info in listing:
+                if info.key.endswith(suffix):
+                    return True
+        return False
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

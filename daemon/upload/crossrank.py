@@ -16,7 +16,6 @@ never commit, and a global commit could not tell "nothing to store" from "not st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -273,7 +272,7 @@ class CrossRank:
         if now - since < c.quiet_commit:
             return False
         prefix = layout.rank_prefix(c.project, c.job_id, c.node_rank) + checkpoint + "/"
-        if await self._retrying(lambda: _any(self.storage, prefix)):
+        if await self._retrying(lambda: self.storage.has_any(prefix)):
             return False
         manifest = build_manifest(c.project, c.job_id, c.node_rank, checkpoint, [], EMPTY, {})
         await self._retrying(lambda: write_manifest(self.storage, manifest))
@@ -300,10 +299,3 @@ def _count_commit(step: int | None) -> None:
     metrics.LAST_COMMIT_TIME.set(time.time())
     if step is not None:
         metrics.LAST_COMMITTED_STEP.set(step)
-
-
-async def _any(storage: Storage, prefix: str) -> bool:
-    async with contextlib.aclosing(storage.list(prefix)) as listing:  # the first key answers
-        async for _ in listing:
-            return True
-    return False
