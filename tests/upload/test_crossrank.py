@@ -157,17 +157,24 @@ async def test_a_node_without_files_says_so_once_quiet_and_the_checkpoint_commit
 
 @in_every_store
 async def test_a_node_that_holds_files_of_it_never_says_empty(tmp_path, store):
-    await save_part(store, 0, {"trainer_state.json": b"{}"}, "marker")
+    # A control checkpoint node 1 holds nothing of: its empty part shows the quiet time has passed.
+    control = "step-4"
+    for checkpoint in (CP, control):
+        await save_part(store, 0, {"trainer_state.json": b"{}"}, "marker", checkpoint=checkpoint)
     busy = node(tmp_path, store, 1, has_files=lambda cp: cp == CP, quiet="1")
     # Files of it stored by an earlier run of node 1, whose part was never written:
     await store.put(layout.file_key(P, J, 1, f"{CP}/opt.bin"), b"o")
     restarted = node(tmp_path, store, 1, quiet="1")
-    for _ in range(3):
+    started = time.monotonic()
+    while await global_of(store, control) is None:
+        assert time.monotonic() - started < 15, busy.status()
+        await busy.check()
+        await asyncio.sleep(0.05)
+    for _ in range(2):  # past the quiet time for the checkpoint of both nodes too
         await busy.check()
         await restarted.check()
-        await asyncio.sleep(0.6)
     assert await global_of(store) is None
-    assert [w["missing"] for w in busy.status()] == [["rank-1"]]
+    assert [(w["checkpoint"], w["missing"]) for w in busy.status()] == [(CP, ["rank-1"])]
 
 
 @in_every_store
@@ -176,10 +183,11 @@ async def test_a_rank_lagging_past_the_threshold_is_warned_about_once(tmp_path, 
     one = node(tmp_path, store, 1, lag="1")
     assert counter("ckptd_rank_lag_threshold_seconds") == 1
     with capture_logs() as logs:
-        await one.check()
         started = time.monotonic()
-        while time.monotonic() - started < 1.5:  # past the threshold, counted from the part's commit time
-            await asyncio.sleep(0.1)
+        while not any(e["event"].startswith("a rank lags") for e in logs):  # 1 s after the part's commit
+            assert time.monotonic() - started < 15, one.status()
+            await one.check()
+            await asyncio.sleep(0.05)
         await one.check()
         await one.check()
     lagging = [e for e in logs if e["event"].startswith("a rank lags")]
