@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import time
 from pathlib import Path
@@ -35,11 +36,18 @@ def s3_flags(bucket) -> dict[str, str]:
     }
 
 
-async def until(condition, timeout: float, what: str) -> None:
+async def until(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll `condition()` (plain or async) until it is truthy, and return that value; fail naming
+    `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
 
 
 def counter(name: str, **labels: str) -> float:

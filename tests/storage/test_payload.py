@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
+from engines import until
 
 from daemon.storage import FileRange
 from daemon.storage import payload as payload_module
@@ -61,18 +61,19 @@ async def test_uncached_bytes_are_read_in_a_thread(tmp_path, monkeypatch) -> Non
     real = asyncio.to_thread
     monkeypatch.setattr(payload_module.asyncio, "to_thread", lambda *a: threads.append(a) or real(*a))
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
+    os.fsync(fd)
+
+    async def sent_uncached() -> bool:
         # DONTNEED drops clean pages, but not those still on another CPU's LRU batch or under
         # writeback: ask again until a send finds the disk, not the cache, behind the range.
-        deadline = time.monotonic() + 30
-        while not threads:
-            assert time.monotonic() < deadline, "the kernel kept the file's pages cached for 30 s"
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            out = Collect()
-            await RangePayload(RangeReader(FileRange(fd, 0, 2 * MiB))).write(out)
-            assert b"".join(out.chunks) == data
-            await asyncio.sleep(0 if threads else 0.05)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = Collect()
+        await RangePayload(RangeReader(FileRange(fd, 0, 2 * MiB))).write(out)
+        assert b"".join(out.chunks) == data
+        return bool(threads)
+
+    try:
+        await until(sent_uncached, 30, "a send that found the pages uncached")
     finally:
         os.close(fd)
 

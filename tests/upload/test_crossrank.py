@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import pickle
 import time
 from dataclasses import dataclass
 
 import pytest
-from engines import config, counter
+from engines import config, counter, until
 from structlog.testing import capture_logs
 
 from daemon.catalog import globalmanifest as gm
@@ -89,6 +88,12 @@ async def global_of(store, checkpoint: str = CP) -> dict | None:
     return found[0] if found else None
 
 
+async def checked(crossrank: CrossRank, store, checkpoint: str) -> dict | None:
+    """The checkpoint's global manifest, after one more check by this node."""
+    await crossrank.check()
+    return await global_of(store, checkpoint)
+
+
 @in_every_store
 async def test_a_dcp_checkpoint_commits_once_every_shard_its_metadata_names_is_stored(tmp_path, store):
     zero, one = node(tmp_path, store, 0), node(tmp_path, store, 1)
@@ -145,10 +150,7 @@ async def test_a_node_without_files_says_so_once_quiet_and_the_checkpoint_commit
     await save_part(store, 0, {"trainer_state.json": b"{}", "model.bin": b"w"}, "marker")
     one = node(tmp_path, store, 1, quiet="1")
     started = time.monotonic()
-    while await global_of(store) is None:
-        assert time.monotonic() - started < 15, one.status()
-        await one.check()
-        await asyncio.sleep(0.1)
+    await until(lambda: checked(one, store, CP), 15, "the global commit")
     assert time.monotonic() - started >= 1  # not before the quiet time
     empty = await read_manifest(store, layout.manifest_key(P, J, 1, CP))
     assert (empty["reason"], empty["files"]) == ("empty", [])
@@ -165,11 +167,7 @@ async def test_a_node_that_holds_files_of_it_never_says_empty(tmp_path, store):
     # Files of it stored by an earlier run of node 1, whose part was never written:
     await store.put(layout.file_key(P, J, 1, f"{CP}/opt.bin"), b"o")
     restarted = node(tmp_path, store, 1, quiet="1")
-    started = time.monotonic()
-    while await global_of(store, control) is None:
-        assert time.monotonic() - started < 15, busy.status()
-        await busy.check()
-        await asyncio.sleep(0.05)
+    await until(lambda: checked(busy, store, control), 15, "the control checkpoint's global commit")
     for _ in range(2):  # past the quiet time for the checkpoint of both nodes too
         await busy.check()
         await restarted.check()
@@ -183,11 +181,12 @@ async def test_a_rank_lagging_past_the_threshold_is_warned_about_once(tmp_path, 
     one = node(tmp_path, store, 1, lag="1")
     assert counter("ckptd_rank_lag_threshold_seconds") == 1
     with capture_logs() as logs:
-        started = time.monotonic()
-        while not any(e["event"].startswith("a rank lags") for e in logs):  # 1 s after the part's commit
-            assert time.monotonic() - started < 15, one.status()
+
+        async def warned() -> bool:  # 1 s after the part's commit
             await one.check()
-            await asyncio.sleep(0.05)
+            return any(e["event"].startswith("a rank lags") for e in logs)
+
+        await until(warned, 15, "the lag warning")
         await one.check()
         await one.check()
     lagging = [e for e in logs if e["event"].startswith("a rank lags")]

@@ -3,7 +3,6 @@ engine's own part rules, publisher and status (the real-DCP version is tests/fra
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -60,6 +59,10 @@ async def globals_of(engine: Engine) -> dict[str, dict]:
     return {m["checkpoint"]: m for m in await gm.read_globals(engine.storage, "proj", J)}
 
 
+async def committed(engine: Engine, checkpoint: str) -> dict | None:
+    return (await globals_of(engine)).get(checkpoint)
+
+
 def root(engine: Engine) -> Path:
     return Path(engine.root)
 
@@ -69,15 +72,8 @@ async def test_a_checkpoint_saved_on_two_nodes_commits_globally_once_every_shard
     write(root(one), "step-1/__1_0.distcp", b"shard one")
     write(root(zero), "step-1/__0_0.distcp", b"shard zero")
     write(root(zero), "step-1/.metadata", metadata("__0_0.distcp", "__1_0.distcp"))
-    done = {}
-
-    async def committed() -> None:
-        while "step-1" not in done:
-            done.update(await globals_of(zero))
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(committed(), 30)
-    files = {(f["rank"], f["path"]) for f in done["step-1"]["files"]}
+    step_1 = await until(lambda: committed(zero, "step-1"), 30, "step-1 committed globally")
+    files = {(f["rank"], f["path"]) for f in step_1["files"]}
     assert files == {(0, "step-1/.metadata"), (0, "step-1/__0_0.distcp"), (1, "step-1/__1_0.distcp")}
 
     # Step 2: node 1 has not written its shard yet; both nodes report what step 2 waits for.
@@ -111,15 +107,8 @@ async def test_a_checkpoint_only_one_node_saves_commits_once_the_other_said_it_h
     try:
         write(root(zero), "checkpoint-5/training_args.bin", b"args")
         write(root(zero), "checkpoint-5/trainer_state.json", b'{"global_step": 5}')
-        found = {}
-
-        async def committed() -> None:
-            while "checkpoint-5" not in found:
-                found.update(await globals_of(one))
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(committed(), 30)
-        assert [(r["rank"], r["reason"]) for r in found["checkpoint-5"]["ranks"]] == [(0, "marker"), (1, "empty")]
+        whole = await until(lambda: committed(one, "checkpoint-5"), 30, "checkpoint-5 committed globally")
+        assert [(r["rank"], r["reason"]) for r in whole["ranks"]] == [(0, "marker"), (1, "empty")]
         key = layout.manifest_key("proj", J, 1, "checkpoint-5")
         assert await one.storage.head(key) is not None
     finally:
@@ -137,15 +126,14 @@ async def test_a_shard_rewritten_after_the_global_commit_withdraws_it_until_comm
         whole = (await globals_of(zero)).get("step-1")
         return None if whole is None else next(f["sha256"] for f in whole["files"] if f["rank"] == 1)
 
-    async def until_listed(sha: str) -> None:
-        while await listed_sha() != sha:
-            await asyncio.sleep(0.05)
+    async def listed(data: bytes) -> bool:
+        return await listed_sha() == hashlib.sha256(data).hexdigest()
 
-    await asyncio.wait_for(until_listed(hashlib.sha256(b"first").hexdigest()), 30)
+    await until(lambda: listed(b"first"), 30, "the first bytes committed")
     with capture_logs() as logs:
         write(root(one), "step-1/__1_0.distcp", b"second version")  # the trainer saved step 1 again
         # No global manifest names the new bytes by the old checksum: withdrawn, then written anew.
-        await asyncio.wait_for(until_listed(hashlib.sha256(b"second version").hexdigest()), 30)
+        await until(lambda: listed(b"second version"), 30, "the second version committed")
     assert "manifest withdrawn until the changed file is stored" in [e["event"] for e in logs]
     key = layout.file_key("proj", J, 1, "step-1/__1_0.distcp")
     assert await one.storage.get(key) == b"second version"
