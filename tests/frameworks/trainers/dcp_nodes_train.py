@@ -21,9 +21,9 @@ Test knobs (environment):
   died fails instead of waiting forever.
 - DCP_HANG_AT=N with DCP_HANG_RANK=G: in the save of step N, global rank G hangs before writing its
   shard, while the others write theirs (a node dying in the middle of a save), until the file
-  TRAINER_OUT/release-step-N-rank-G appears (if ever). At that step each process writes
-  TRAINER_OUT/wrote-step-N-rank-G once its shard file is written and closed, and the hanging one
-  TRAINER_OUT/hanging-step-N-rank-G when it starts to hang.
+  TRAINER_OUT/release-step-N-rank-G appears (at most 10 min, then it exits 1). At that step each
+  process writes TRAINER_OUT/wrote-step-N-rank-G once its shard file is written and closed, and the
+  hanging one TRAINER_OUT/hanging-step-N-rank-G when it starts to hang.
 """
 
 import json
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from dcp_common import resume, state_of, train_step
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("DCP_PG_TIMEOUT", "30"))))
@@ -45,6 +45,7 @@ node = os.environ.get("BT_NODE_RANK", "0")
 save_root = Path(os.environ["BT_CHECKPOINT_DIR"])
 load_root = Path(os.environ.get("BT_LOAD_CHECKPOINT_DIR", "/nonexistent")) / f"rank-{node}"
 out = Path(os.environ["TRAINER_OUT"]) if os.environ.get("TRAINER_OUT") else None
+HANG_LIMIT = 600  # seconds: longer than any test waits on a hanging rank
 
 
 class HangBeforeShard(dcp.FileSystemWriter):
@@ -61,18 +62,16 @@ class HangBeforeShard(dcp.FileSystemWriter):
                 (out / f"hanging-step-{self.step}-rank-{rank}").touch()
             print(f"dcp_nodes_train.py rank {rank}: hanging before writing the shard of step {self.step}", flush=True)
             release = out / f"release-step-{self.step}-rank-{rank}" if out else None
+            deadline = time.monotonic() + HANG_LIMIT
             while not (release and release.exists()):
+                if time.monotonic() > deadline:  # the test that set the hang is gone: do not outlive it
+                    sys.exit(f"dcp_nodes_train.py rank {rank}: never released in {HANG_LIMIT} s")
                 time.sleep(0.05)
         written = super().write_data(plan, planner)
         written.wait()  # the file is written and closed
         if out:
             (out / f"wrote-step-{self.step}-rank-{rank}").touch()
         return written
-
-
-def state_of(model, optimizer, extra: dict) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd, **extra}
 
 
 def full(value):
@@ -92,18 +91,9 @@ def main() -> None:
     step = torch.tensor(0)
     extra = {"table": table, "step": step}
 
-    steps = sorted(load_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if load_root.is_dir() else []
-    resumed_from = None
-    if steps:
-        # Optimizer state exists only after a step: take one so there is state to load into.
-        model(torch.zeros(1, 4)).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        state = state_of(model, optimizer, extra)
-        dcp.load(state, checkpoint_id=str(steps[-1]))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        resumed_from = steps[-1].name
-        loaded = full(state_of(model, optimizer, extra))
+    resumed_from = resume(model, optimizer, extra, load_root)
+    if resumed_from:
+        loaded = full(state_of(model, optimizer, extra))  # a collective: every rank takes part
         if out:
             torch.save(loaded, out / f"loaded-rank-{rank}.pt")
     start = int(step)
@@ -116,11 +106,7 @@ def main() -> None:
     hang_at, hang_rank = os.environ.get("DCP_HANG_AT"), int(os.environ.get("DCP_HANG_RANK", "-1"))
     generator = torch.Generator().manual_seed(7 + start)
     for n in range(start + 1, int(os.environ.get("DCP_STEPS", "3")) + 1):
-        x = torch.randn(16, 4, generator=generator)
-        loss = (model(x) - x).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, generator)
         table.to_local().add_(n * (rank + 1))  # this rank's rows: different on every rank
         step.fill_(n)
         state = state_of(model, optimizer, extra)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from dcp_common import resume, state_of, train_step
 
 distributed = "LOCAL_RANK" in os.environ  # started by torchrun
 if distributed:
@@ -53,11 +53,6 @@ def table() -> torch.Tensor:
     return distribute_tensor(full, init_device_mesh("cpu", (world,)), [Shard(0)])
 
 
-def state_of(model, optimizer, extra: dict) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd, **extra}
-
-
 def plain(value):
     """What a rank holds, as plain tensors (a DTensor's local shard), for the test to compare."""
     if isinstance(value, dict):
@@ -75,19 +70,9 @@ def main() -> None:
     step = torch.tensor(0)
     extra = {"table": emb, "step": step}
 
-    steps = sorted(load_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if load_root.is_dir() else []
-    resumed_from = None
-    if steps:
-        # Optimizer state exists only after a step: take one so there is state to load into.
-        model(torch.zeros(1, 4)).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        state = state_of(model, optimizer, extra)
-        dcp.load(state, checkpoint_id=str(steps[-1]))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        resumed_from = steps[-1].name
-        if out:
-            torch.save(plain(state_of(model, optimizer, extra)), out / f"loaded-rank-{rank}.pt")
+    resumed_from = resume(model, optimizer, extra, load_root)
+    if resumed_from and out:
+        torch.save(plain(state_of(model, optimizer, extra)), out / f"loaded-rank-{rank}.pt")
     start = int(step)
     print(
         f"dcp_train.py rank {rank}: {'resuming from ' + resumed_from if resumed_from else 'from scratch'}", flush=True
@@ -95,11 +80,7 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(7 + start)
     for n in range(start + 1, int(os.environ.get("DCP_STEPS", "3")) + 1):
-        x = torch.randn(16, 4, generator=generator)
-        loss = (model(x) - x).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, generator)
         local = emb.to_local() if hasattr(emb, "to_local") else emb
         local += n * (rank + 1)  # this rank's shard: different on every rank
         step.fill_(n)
