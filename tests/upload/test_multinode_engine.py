@@ -123,7 +123,7 @@ async def test_a_shard_rewritten_after_the_global_commit_withdraws_it_until_comm
     write(root(zero), "step-1/.metadata", metadata("__0_0.distcp", "__1_0.distcp"))
 
     async def listed_sha() -> str | None:
-        whole = (await globals_of(zero)).get("step-1")
+        whole = await committed(zero, "step-1")
         return None if whole is None else next(f["sha256"] for f in whole["files"] if f["rank"] == 1)
 
     async def listed(data: bytes) -> bool:
